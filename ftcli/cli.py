@@ -1,0 +1,143 @@
+"""The `ftcli` command line: parses arguments, calls one function per command, prints with rich. No logic here.
+
+Heavy imports (torch, transformers) happen inside the commands, so `ftcli --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune language models from YAML recipes. Exit codes: 0 ok, 2 bad input, 1 a failed run.",
+)
+_state = {"debug": False}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")):
+    _state["debug"] = debug
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="the recipe YAML file"),
+    set_: List[str] = typer.Option([], "--set", help="override a recipe key: dotted.key=value (repeatable)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (default: the recipe's output)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run folder from its last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow .bin/.pt weights (they can run code)"),
+):
+    """Train a recipe: validate, build, train, validate on held-out rows, write the run folder."""
+    from ftcli import recipe as recipe_mod
+    from ftcli import train as train_mod
+
+    r = recipe_mod.load(recipe, set_)
+    console = _console()
+    run_dir = train_mod.run(r, output=output or recipe_mod.default_output(r), resume=resume, overwrite=overwrite,
+                            allow_pickle=allow_pickle, console=console)
+    _print_run_summary(console, run_dir)
+
+
+@app.command()
+def check(
+    recipe: Path = typer.Argument(..., help="the recipe YAML file"),
+    set_: List[str] = typer.Option([], "--set", help="override a recipe key: dotted.key=value (repeatable)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Validate and resolve a recipe without training: data statistics, a decoded example, parameter counts."""
+    from ftcli import plan
+    from ftcli import recipe as recipe_mod
+
+    r = recipe_mod.load(recipe, set_)
+    console = _console()
+    p = plan.describe(r, allow_pickle=allow_pickle, log=console.print)
+    _print_plan(console, r, p)
+
+
+def _print_plan(console, r, p) -> None:
+    from rich.syntax import Syntax
+    from rich.table import Table
+    from rich.text import Text
+
+    console.rule("resolved recipe")
+    console.print(Syntax(r.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    table = Table(title="data", title_justify="left")
+    for col in ("split", "rows", "kept", "tokens", "trained tokens", "trained %", "truncated", "dropped"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for name, st in p.splits.items():
+        table.add_row(name, f"{st['rows']:,}", f"{st['kept']:,}", f"{st['tokens']:,}", f"{st['trained_tokens']:,}",
+                      f"{st['trained_fraction'] * 100:.1f}", f"{st['truncated']:,}",
+                      f"{st['dropped_overlong'] + st['dropped_untrained']:,}")
+    console.print(table)
+    console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
+                  f" · strategy {r.strategy.name} · {p.steps} optimiser steps")
+    for line in p.notes:
+        console.print(f"[yellow]note:[/] {line}")
+    console.rule("one training example (trained span highlighted and between ⟦ ⟧)")
+    text = Text()
+    for seg, trained in p.example:
+        text.append(f"⟦{seg}⟧" if trained else seg, style="bold green" if trained else "dim")
+    console.print(text)
+
+
+def _print_run_summary(console, run_dir: Path) -> None:
+    import json
+
+    s = json.loads((run_dir / "report.json").read_text())
+    b, a = s.get("before", {}), s.get("after", {})
+    console.rule(f"run folder: {run_dir}")
+    for key in ("loss", "perplexity", "exact_match"):
+        if key in b and key in a:
+            console.print(f"validation {key}: {b[key]:.4f} → {a[key]:.4f}")
+    thr = s["throughput"]
+    console.print(f"{thr['tokens_per_s']:.0f} tokens/s · {s['run']['wall_s']:.0f} s · peak RSS "
+                  f"{thr['peak_rss_mb']:.0f} MB · report: {run_dir / 'report.md'}")
+
+
+def main() -> None:
+    """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
+    from ftcli.errors import FtcliError
+
+    try:
+        app(standalone_mode=False)
+    except FtcliError as e:
+        if _state["debug"]:
+            raise
+        _console_err().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,84 @@
+"""Rows → examples → token ids + labels → train / validation splits (see DESIGN.md, the flow of one run)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from ftcli.data.formats import Example, check_fields, to_example
+from ftcli.data.sources import read_rows
+from ftcli.data.tokenize import Encoded, Encoder, EncodeStats
+from ftcli.errors import UserError
+
+
+@dataclass
+class Split:
+    """One split, encoded: the kept rows and the examples they came from (for generation metrics)."""
+
+    name: str
+    encoded: list[Encoded]
+    examples: list[Example]
+    stats: EncodeStats
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.encoded]
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    validation: Split | None
+    encoder: Encoder
+    notes: list[str] = field(default_factory=list)
+
+
+def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,
+                  system_prompt: str | None = None, key: str = "data.train") -> list[Example]:
+    check_fields(fmt, fields)
+    rows = read_rows(source, split=split, limit=limit)
+    return [to_example(row, fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt)
+            for i, row in enumerate(rows)]
+
+
+def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str) -> Split:
+    encoded, stats = encoder.encode_all(examples)
+    kept = [(enc, ex) for enc, ex in zip(encoded, examples) if enc is not None]
+    if not kept:
+        raise UserError(
+            f"{name} split ({source}): 0 trainable tokens in {stats.rows} rows "
+            f"({stats.dropped_overlong} over max_len dropped, {stats.dropped_untrained} with nothing to train). "
+            "Check data.format, data.fields and data.max_len (`ftcli check` shows a decoded example)."
+        )
+    return Split(name, [k[0] for k in kept], [k[1] for k in kept], stats, source)
+
+
+def build(recipe, tokenizer) -> DataBundle:
+    """Read, format, encode and split the recipe's data."""
+    d = recipe.data
+    encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format)
+    examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt)
+    validation_examples: list[Example] = []
+    val_source = ""
+    if isinstance(d.validation, float):
+        order = list(range(len(examples)))
+        random.Random(recipe.training.seed).shuffle(order)
+        n_val = max(1, math.ceil(len(examples) * d.validation))
+        if n_val >= len(examples):
+            raise UserError(f"data.validation: {d.validation} of {len(examples)} rows leaves nothing to train on")
+        held = set(order[:n_val])
+        validation_examples = [examples[i] for i in sorted(held)]
+        examples = [ex for i, ex in enumerate(examples) if i not in held]
+        val_source = f"{d.validation:g} of {d.train} (seed {recipe.training.seed})"
+    elif isinstance(d.validation, str):
+        validation_examples = load_examples(d.validation, d.format, d.fields, system_prompt=d.system_prompt,
+                                            key="data.validation")
+        val_source = d.validation
+    train = encode_split("train", examples, encoder, d.train)
+    validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None
+    return DataBundle(train, validation, encoder)

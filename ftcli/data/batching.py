@@ -1,0 +1,109 @@
+"""Which examples go in which step, and how a micro-batch becomes tensors.
+
+An optimiser step takes `batch_size × grad_accum` examples; they are split into `grad_accum` micro-batches of
+`batch_size` examples. The same examples land in the same step whatever the split, so accumulation changes
+nothing but memory (the loss is normalised by the trained tokens of the whole step, in train.py).
+
+Rows are right-padded and carry no attention mask: attention is causal, so no real token ever sees a pad token.
+With packing, a micro-batch's examples are laid end to end in rows of at most `pack_len` tokens; position ids
+restart at 0 for every example, and transformers turns restarting position ids into a block-diagonal causal mask,
+so no example attends to another. Pad tokens continue the positions of the row's last example, which keeps a row
+that holds one example on the plain causal path.
+Without packing, examples are bucketed by length (per step window) so a micro-batch pads to little.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ftcli.data.tokenize import Encoded
+
+BUCKET_WINDOW_STEPS = 32  # steps whose examples are sorted by length together when packing is off
+
+
+@dataclass
+class Batch:
+    input_ids: "object"  # LongTensor [rows, length]
+    labels: "object"  # LongTensor, -100 where no loss
+    position_ids: "object"
+    n_examples: int
+    n_tokens: int  # real (non-pad) tokens
+    n_trained: int
+    n_positions: int  # rows × length: what the model computes, padding included
+
+
+def plan_epoch(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
+               bucket: bool) -> list[list[list[int]]]:
+    """Steps → micro-batches → example indices for one epoch; a pure function of its arguments (exact resume)."""
+    order = list(range(len(lengths)))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    per_step = batch_size * grad_accum
+    if bucket:
+        window = per_step * BUCKET_WINDOW_STEPS
+        bucketed = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+            steps_in_window = [chunk[s : s + per_step] for s in range(0, len(chunk), per_step)]
+            random.Random(f"{seed}/{epoch}/{w}").shuffle(steps_in_window)
+            bucketed.extend(i for step in steps_in_window for i in step)
+        order = bucketed
+    steps = []
+    for s in range(0, len(order), per_step):
+        step = sorted(order[s : s + per_step], key=lambda i: (lengths[i], i))
+        steps.append([step[m : m + batch_size] for m in range(0, len(step), batch_size)])
+    return steps
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: positions into `lengths`, grouped into rows of at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate(examples: list[Encoded], pad_id: int, packing: bool, pack_len: int) -> Batch:
+    """Tensors for one micro-batch (see the module docstring for the layout)."""
+    import torch
+
+    if packing:
+        groups = [[examples[i] for i in row] for row in pack([len(e.input_ids) for e in examples], pack_len)]
+    else:
+        groups = [[e] for e in examples]
+    width = max(sum(len(e.input_ids) for e in g) for g in groups)
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(groups), width), -100, dtype=torch.long)
+    pos = torch.zeros((len(groups), width), dtype=torch.long)
+    n_tokens = n_trained = 0
+    for r, group in enumerate(groups):
+        at = 0
+        for e in group:
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at : at + n] = torch.tensor(e.labels())
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+            n_tokens += n
+            n_trained += e.n_trained
+        if at < width:  # padding continues the last example's positions (see module docstring)
+            last = pos[r, at - 1] + 1 if at else 0
+            pos[r, at:] = torch.arange(width - at) + last
+    return Batch(ids, labels, pos, len(examples), n_tokens, n_trained, len(groups) * width)
+
+
+def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int, packing: bool, pack_len: int) -> list[Batch]:
+    """Deterministic batches for validation: sorted by length so little is padded."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    return [
+        collate([examples[i] for i in order[s : s + batch_size]], pad_id, packing, pack_len)
+        for s in range(0, len(order), batch_size)
+    ]

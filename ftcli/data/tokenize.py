@@ -1,0 +1,202 @@
+"""Chat template, label masking and truncation: the one home of "which tokens are trained".
+
+Masks are derived from rendered prefixes, never from template tags: for each assistant turn i the trained span
+starts where `render(messages[:i], add_generation_prompt=True)` ends and stops right after the end-of-turn token
+that closes `render(messages[:i+1])`. So every assistant turn's content plus its end-of-turn token is trained, and
+nothing else. Rendered text is tokenised without adding special tokens, and a BOS is prepended only if the
+tokenizer normally adds one and the template did not: exactly one BOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftcli.data.formats import Example
+from ftcli.errors import UserError
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}
+MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # how a trained span is shown in text (check, report)
+
+
+@dataclass
+class Encoded:
+    """Token ids and, per position, whether the loss is taken on that token (predicted from the one before)."""
+
+    input_ids: list[int]
+    trained: list[bool]
+    truncated: bool = False
+
+    @property
+    def n_trained(self) -> int:
+        return sum(self.trained)
+
+    def labels(self) -> list[int]:
+        return [t if m else -100 for t, m in zip(self.input_ids, self.trained)]
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_untrained: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "notes"}
+        d["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
+        return d
+
+
+def resolve_template(tokenizer, template: str | None) -> str:
+    """The Jinja chat template: a named one, a .jinja file, inline text, or the tokenizer's own."""
+    if template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template; set data.chat_template (for example: chatml)")
+        return tokenizer.chat_template
+    if template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[template]
+    if template.endswith(".jinja"):
+        path = Path(template)
+        if not path.is_file():
+            raise UserError(f"data.chat_template: {template}: no such file")
+        return path.read_text(encoding="utf-8")
+    if "{%" in template or "{{" in template:
+        return template
+    raise UserError(
+        f"data.chat_template: {template!r} is not a known name ({', '.join(NAMED_TEMPLATES)}), a .jinja file, "
+        "or a Jinja template"
+    )
+
+
+class Encoder:
+    """Turns examples into `Encoded` rows with one tokenizer, template and length policy."""
+
+    def __init__(self, tokenizer, template: str | None = None, max_len: int = 512, overlong: str = "truncate",
+                 format: str = "chat"):
+        self.tokenizer = tokenizer
+        self.format = format
+        self.template = resolve_template(tokenizer, template) if format != "completion" else None
+        self.max_len = max_len
+        self.overlong = overlong
+        self.eot = self._end_of_turn()
+        probe = tokenizer("a").input_ids
+        bos = tokenizer.bos_token_id
+        self.bos_id = bos if bos is not None and probe and probe[0] == bos else None
+        self.eos_id = tokenizer.eos_token_id
+
+    def _end_of_turn(self) -> str | None:
+        if self.template is None:
+            return None
+        if "<|im_end|>" in self.template:
+            return "<|im_end|>"
+        return self.tokenizer.eos_token
+
+    # -- rendering -------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character spans of every assistant turn (content + end-of-turn)."""
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            through = self.render(messages[: i + 1])
+            if not text.startswith(before) or not text.startswith(through) or len(through) < len(before):
+                raise UserError(
+                    "the chat template renders a conversation differently from its prefixes (it rewrites earlier "
+                    "turns), so the trained span of each assistant turn cannot be derived; set data.chat_template"
+                )
+            end = len(through)
+            if self.eot:
+                cut = text.rfind(self.eot, len(before), end)
+                if cut >= 0:
+                    end = cut + len(self.eot)
+            else:
+                end = len(text[:end].rstrip())
+            spans.append((len(before), end))
+        return text, spans
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a generation prompt (the conversation plus the assistant header)."""
+        ids = self.tokenizer(self.render(messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+        return self._one_bos(ids)
+
+    # -- encoding ---------------------------------------------------------------------------------------------
+    def encode_all(self, examples: list[Example]) -> tuple[list[Encoded | None], EncodeStats]:
+        """Encode many examples (tokenised in one batch); None where a row is dropped, counted in the stats."""
+        stats = EncodeStats(rows=len(examples))
+        if self.format == "completion":
+            texts = [ex.text for ex in examples]
+            spans = [[(0, len(t))] for t in texts]
+        else:
+            rendered = [self.trained_spans(ex.messages) for ex in examples]
+            texts = [r[0] for r in rendered]
+            spans = [r[1] for r in rendered]
+        batch = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out: list[Encoded | None] = []
+        for ids, offsets, sp in zip(batch["input_ids"], batch["offset_mapping"], spans):
+            trained = [any(s <= a < e for s, e in sp) for a, _ in offsets]
+            if self.format == "completion" and self.eos_id is not None:
+                ids, trained = ids + [self.eos_id], trained + [True]
+            if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+                ids, trained = [self.bos_id] + ids, [False] + trained
+            enc = self._limit(Encoded(list(ids), trained), stats)
+            out.append(enc)
+        for enc in out:
+            if enc is not None:
+                stats.kept += 1
+                stats.tokens += len(enc.input_ids)
+                stats.trained_tokens += enc.n_trained
+        return out, stats
+
+    def encode(self, example: Example) -> Encoded | None:
+        return self.encode_all([example])[0][0]
+
+    def _limit(self, enc: Encoded, stats: EncodeStats) -> Encoded | None:
+        enc.trained[0] = False  # the first token has nothing before it to be predicted from
+        if len(enc.input_ids) > self.max_len:
+            if self.overlong == "drop":
+                stats.dropped_overlong += 1
+                return None
+            enc = Encoded(enc.input_ids[: self.max_len], enc.trained[: self.max_len], truncated=True)
+            stats.truncated += 1
+        if not any(enc.trained):
+            stats.dropped_untrained += 1
+            return None
+        return enc
+
+    def _one_bos(self, ids: list[int]) -> list[int]:
+        if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+
+def show_mask(tokenizer, enc: Encoded) -> list[tuple[str, bool]]:
+    """The decoded row as (text, trained) segments: consecutive tokens with the same flag decoded together."""
+    segments: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(enc.input_ids) + 1):
+        if i == len(enc.input_ids) or enc.trained[i] != enc.trained[start]:
+            text = tokenizer.decode(enc.input_ids[start:i], skip_special_tokens=False)
+            segments.append((text, enc.trained[start]))
+            start = i
+    return segments
+
+
+def marked_text(segments: list[tuple[str, bool]]) -> str:
+    """Plain text with trained spans between ⟦ and ⟧."""
+    return "".join(f"{MARK_OPEN}{t}{MARK_CLOSE}" if trained else t for t, trained in segments)

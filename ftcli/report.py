@@ -1,0 +1,228 @@
+"""The run folder: resolved recipe, metrics.jsonl, report.json, report.md and loss.png (DESIGN.md, The run folder)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from ftcli import atomic
+from ftcli.errors import UserError
+
+RECIPE_FILE = "recipe.resolved.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create the run folder; an existing one is used only with --resume and replaced only with --overwrite."""
+    path = Path(path)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    if path.exists() and any(path.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(path)
+        elif not resume:
+            raise UserError(
+                f"run folder {path} already exists. Use --resume to continue it, --overwrite to replace it, "
+                "or --output to write elsewhere."
+            )
+    elif resume:
+        raise UserError(f"--resume: run folder {path} does not exist (nothing to resume)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("ftcli", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["git_commit"] = git_commit()
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode != 0:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write_resolved_recipe(run_dir: Path, recipe) -> None:
+    atomic.write_text(Path(run_dir) / RECIPE_FILE, recipe.to_yaml(extra={"versions": versions()}))
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, written with one write call and flushed per line."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS_FILE
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: dropped on resume
+                pass
+        return out
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop what was logged after the checkpoint, so the log reads as one uninterrupted run."""
+        keep = [r for r in self.read() if r.get("step", 0) <= step]
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# plots and the report
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> bool:
+    """loss.png: training loss per step (and its moving average) with validation loss points."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    if not train and not val:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    if train:
+        xs, ys = zip(*train)
+        ax.plot(xs, ys, color="#9ecae1", linewidth=1, label="train loss (per step)")
+        if len(ys) >= 10:
+            k = max(3, len(ys) // 20)
+            smooth = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, smooth, color="#08519c", linewidth=2, label=f"train loss ({k}-step mean)")
+    if val:
+        xs, ys = zip(*val)
+        ax.plot(xs, ys, "o-", color="#d94801", linewidth=1.5, markersize=5, label="validation loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits}g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _delta(before, after) -> str:
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        return f"{after - before:+.4g}"
+    return "–"
+
+
+def metrics_table(before: dict, after: dict, keys: list[str]) -> list[str]:
+    lines = ["| metric | before | after | change |", "| --- | ---: | ---: | ---: |"]
+    for k in keys:
+        if k in before or k in after:
+            lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} | {_delta(before.get(k), after.get(k))} |")
+    return lines
+
+
+def render_markdown(s: dict) -> str:
+    """report.md from the same summary dict as report.json."""
+    run, thr, params = s["run"], s["throughput"], s["parameters"]
+    out = [f"# ftcli run: {run['name']}", ""]
+    out += [
+        f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` on "
+        f"`{run['base_model']}` · wall time {run['wall_s']:.0f} s"
+        + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else ""),
+        "",
+    ]
+    if s.get("message"):
+        out += [f"> {s['message']}", ""]
+    before, after = s.get("before", {}), s.get("after", {})
+    if before or after:
+        out += ["## Validation: before and after training", ""]
+        keys = [k for k in ("loss", "perplexity", "exact_match", "accuracy", "rougeL", "numeric") if k in before or k in after]
+        out += metrics_table(before, after, keys)
+        if s.get("best"):
+            out += ["", f"Best validation loss {s['best']['loss']:.4f} at step {s['best']['step']}."]
+        out += [""]
+    if s.get("retention"):
+        out += ["## Forgetting (retention sets, base model before vs tuned model after)", "",
+                "| set | metric | before | after | change |", "| --- | --- | ---: | ---: | ---: |"]
+        for r in s["retention"]:
+            out.append(f"| {r['name']} | {r['metric']} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
+                       f"{_delta(r.get('before'), r.get('after'))} |")
+        out += [""]
+    if Path(s.get("plot") or "").name:
+        out += ["## Loss", "", f"![loss curves]({s['plot']})", ""]
+    out += ["## Throughput and memory", "", "| | |", "| --- | ---: |"]
+    out += [
+        f"| tokens/s (non-pad, training) | {_fmt(thr.get('tokens_per_s'))} |",
+        f"| trained tokens/s | {_fmt(thr.get('trained_tokens_per_s'))} |",
+        f"| seconds per step | {_fmt(thr.get('s_per_step'))} |",
+        f"| padding (of computed positions) | {thr.get('padding_fraction', 0) * 100:.1f}% |",
+        f"| peak RSS | {_fmt(thr.get('peak_rss_mb'))} MB |",
+    ]
+    if thr.get("peak_gpu_mb"):
+        out.append(f"| peak GPU memory | {_fmt(thr['peak_gpu_mb'])} MB |")
+    out += [
+        f"| trainable parameters | {params['trainable']:,} of {params['total']:,} ({params['fraction'] * 100:.3f}%) |",
+        "",
+    ]
+    out += ["## Data", "", "| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, st in s["data"]["splits"].items():
+        dropped = st["dropped_overlong"] + st["dropped_untrained"]
+        out.append(f"| {name} | {st['rows']:,} | {st['kept']:,} | {st['tokens']:,} | {st['trained_tokens']:,} | "
+                   f"{st['trained_fraction'] * 100:.1f}% | {st['truncated']:,} | {dropped:,} |")
+    ex = s["data"].get("example")
+    if ex:
+        out += ["", "One training example, the trained span between ⟦ and ⟧:", "", "```text", ex, "```"]
+    if s.get("samples"):
+        out += ["", "## Sample generations (after)", ""]
+        for smp in s["samples"]:
+            out += [f"- **prompt**: {smp['prompt'][:200]!s}", f"  - reference: `{smp['reference'][:200]}`",
+                    f"  - generated: `{smp['prediction'][:200]}`"]
+    if s.get("strategy_details"):
+        out += ["", "## Strategy details", "", "```json", json.dumps(s["strategy_details"], indent=1)[:6000], "```"]
+    out += ["", "## Recipe (resolved)", "", "```yaml", s["recipe_yaml"].rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def write_report(run_dir: Path, summary: dict, records: list[dict]) -> None:
+    run_dir = Path(run_dir)
+    summary = dict(summary)
+    if plot_losses(records, run_dir / "loss.png", f"{summary['run']['name']} ({summary['run']['strategy']})"):
+        summary["plot"] = "loss.png"
+    atomic.write_json(run_dir / "report.json", summary)
+    atomic.write_text(run_dir / "report.md", render_markdown(summary))
