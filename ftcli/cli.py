@@ -110,7 +110,9 @@ def _print_run_summary(console, run_dir: Path) -> None:
 def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError
+    from ftcli.logs import quiet
 
+    quiet()
     try:
         app(standalone_mode=False)
     except FtcliError as e:

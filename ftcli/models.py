@@ -256,3 +256,43 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def load_run(run_dir: Path, *, allow_pickle: bool = False, log=print):
+    """(model, tokenizer) of a finished run: its base plus adapter, or its trained model folder."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if (run_dir / "model" / "config.json").is_file():
+        return load_model(str(run_dir / "model"), allow_pickle=allow_pickle, log=log), load_tokenizer(
+            str(run_dir / "model"), log=log)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: not a finished run folder (no adapter/ or model/ inside)")
+    recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (
+        run_dir / "recipe.resolved.yaml").is_file() else {}
+    base = recipe.get("base_model") or _adapter_base(adapter)
+    return load_adapter(adapter, base, allow_pickle=allow_pickle, log=log)
+
+
+def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print):
+    """(model, tokenizer): a base model with a PEFT adapter folder applied (not merged)."""
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    if adapter.is_file():
+        adapter = adapter.parent
+    model = load_model(base, allow_pickle=allow_pickle, log=log)
+    tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
+    return PeftModel.from_pretrained(model, str(adapter)), tokenizer
+
+
+def _adapter_base(adapter: Path) -> str:
+    import json
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter}: adapter_config.json names no base model; pass --base")
+    return base

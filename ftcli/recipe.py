@@ -23,6 +23,18 @@ from ftcli.strategies.lora import LoraParams
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 
+# names other tools (axolotl, LLaMA-Factory, torchtune, HF Trainer) use for our keys: suggested on a miss
+SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules", "use_rslora": "rslora",
+    "learning_rate": "lr", "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "lr_scheduler": "schedule", "lr_scheduler_type": "schedule", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+    "sequence_len": "max_len", "cutoff_len": "max_len", "max_seq_length": "max_len", "sample_packing": "packing",
+    "val_set_size": "validation", "eval_steps": "every", "output_dir": "output", "base_model_name_or_path": "base_model",
+    "model": "base_model", "dataset": "data", "datasets": "data", "optimizer": "training", "seed_value": "seed",
+}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -245,7 +257,8 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
         allowed = sorted(model.model_fields) if model else []
         allowed = [a for a in allowed if a != "source"]
         msg = "unknown key"
-        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+        close = [SYNONYMS[name]] if SYNONYMS.get(name) in allowed else difflib.get_close_matches(
+            name, allowed, n=1, cutoff=0.6)
         if close:
             msg += f"; did you mean '{close[0]}'?"
         home = _where_key_belongs(name, path[:-1])

@@ -35,9 +35,10 @@ RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "eval.every", "tra
 
 @dataclass
 class Hooks:
-    """Test and tooling hooks: called after each optimiser step with (step, loss)."""
+    """Test and tooling hooks: `after_step(step, loss)` after each optimiser step; `at_end(model)` when done."""
 
     after_step: list[Callable[[int, float], None]] = field(default_factory=list)
+    at_end: list[Callable[[object], None]] = field(default_factory=list)
 
 
 @dataclass
@@ -322,6 +323,8 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
         with atomic.folder(artifact) as tmp:
             strategy.save(accelerator.unwrap_model(model), tmp)
             tokenizer.save_pretrained(str(tmp))
+    for fn in hooks.at_end:
+        fn(accelerator.unwrap_model(model))
     summary = _summary(recipe, run_dir, strategy, model, data, state, status, message, step, steps, started,
                        trainable, total, after)
     report.write_report(run_dir, summary, metrics_log.read())

@@ -173,10 +173,10 @@ class Encoder:
                 stats.dropped_overlong += 1
                 return None
             enc = Encoded(enc.input_ids[: self.max_len], enc.trained[: self.max_len], truncated=True)
-            stats.truncated += 1
         if not any(enc.trained):
             stats.dropped_untrained += 1
             return None
+        stats.truncated += enc.truncated
         return enc
 
     def _one_bos(self, ids: list[int]) -> list[int]:

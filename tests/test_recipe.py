@@ -1,0 +1,107 @@
+"""Recipe validation: errors name the key path and what is allowed; overrides; paths; shipped recipes."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftcli import recipe as recipe_mod
+from ftcli.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def error_of(doc: dict) -> str:
+    with pytest.raises(UserError) as e:
+        recipe_mod.validate(doc)
+    return str(e.value)
+
+
+def test_defaults_are_filled():
+    r = recipe_mod.validate({"data": {"train": "x.jsonl"}})
+    assert r.base_model == "smollm2-135m-instruct"
+    assert r.strategy.name == "lora" and r.strategy.r == 16
+    assert r.training.batch_size == 8 and r.training.grad_accum == 1 and r.training.seed == 0
+    assert r.data.packing is True and r.data.validation == 0.1
+
+
+def test_misspelt_key_names_path_and_suggests():
+    msg = error_of({"data": {"train": "x.jsonl", "fromat": "chat"}})
+    assert "data.fromat" in msg and "did you mean 'format'" in msg
+
+
+def test_key_in_wrong_section_says_where_it_belongs():
+    msg = error_of({"data": {"train": "x.jsonl"}, "lr": 0.1})
+    assert "lr: unknown key" in msg and "belongs under 'training'" in msg
+
+
+def test_strategy_keys_are_checked_per_strategy():
+    msg = error_of({"data": {"train": "x.jsonl"}, "strategy": {"name": "lora", "rank": 8}})
+    assert "strategy.rank" in msg and "did you mean 'r'" in msg
+    msg = error_of({"data": {"train": "x.jsonl"}, "strategy": {"name": "full", "r": 8}})
+    assert "strategy.r: unknown key" in msg
+
+
+def test_unknown_strategy_lists_choices():
+    msg = error_of({"data": {"train": "x.jsonl"}, "strategy": {"name": "lorra"}})
+    assert "strategy" in msg and "lorra" in msg and "lora" in msg and "full" in msg
+
+
+def test_wrong_type_and_bad_value():
+    msg = error_of({"data": {"train": "x.jsonl"}, "training": {"lr": "fast", "batch_size": 0}})
+    assert "training.lr: expected a number, got 'fast'" in msg
+    assert "training.batch_size" in msg and "greater than or equal to 1" in msg
+    msg = error_of({"data": {"train": "x.jsonl", "format": "sharegpt"}})
+    assert "data.format" in msg and "'alpaca', 'chat' or 'completion'" in msg
+
+
+def test_missing_required_key():
+    assert "data: required key is missing" in error_of({})
+
+
+def test_nested_list_path():
+    msg = error_of({"data": {"train": "x.jsonl"}, "eval": {"retention": [{"data": "a.jsonl", "metrc": "loss"}]}})
+    assert "eval.retention[0].metrc" in msg and "did you mean 'metric'" in msg
+
+
+def test_set_overrides_are_typed_like_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "d.jsonl"}}))
+    r = recipe_mod.load(path, ["training.lr=1e-3", "training.max_steps=7", "data.packing=false",
+                               "strategy.target_modules=[q_proj, v_proj]", "strategy.name=lora"])
+    assert r.training.lr == pytest.approx(1e-3) and r.training.max_steps == 7 and r.data.packing is False
+    assert r.strategy.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match="training.lrr"):
+        recipe_mod.load(path, ["training.lrr=1"])
+
+
+def test_relative_paths_resolve_against_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "data").mkdir()
+    (folder / "data" / "t.jsonl").write_text("{}\n")
+    path = folder / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "data/t.jsonl", "validation": "data/v.jsonl"},
+                                    "eval": {"retention": "data/keep.jsonl"}}))
+    monkeypatch.chdir(tmp_path)
+    r = recipe_mod.load(path)
+    assert r.data.train == str((folder / "data" / "t.jsonl").resolve())
+    assert r.data.validation == str((folder / "data" / "v.jsonl").resolve())
+    assert r.eval.retention[0].data == str((folder / "data" / "keep.jsonl").resolve())
+
+
+def test_bad_recipe_exits_2_with_key_path_and_no_traceback(tmp_path, run_cli):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "d.jsonl"}, "training": {"batch_sise": 4}}))
+    code, out, err = run_cli("train", path)
+    assert code == 2
+    assert "training.batch_sise" in err and "did you mean 'batch_size'" in err
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    r = recipe_mod.load(path)
+    assert r.strategy.name
+    if not r.data.train.startswith(("http", "hf:")) and "/" in r.data.train:
+        assert Path(r.data.train).is_file(), f"{path.name}: data.train {r.data.train} is missing"

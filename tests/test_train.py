@@ -1,0 +1,168 @@
+"""The loop: accumulation, exact resume, the NaN guard, Ctrl-C, the run folder a user gets."""
+
+import json
+import os
+import random
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftcli import recipe as recipe_mod
+from ftcli import train
+from ftcli.errors import RunError, UserError
+
+from conftest import make_recipe, write_jsonl
+
+
+def varied_rows(n=48, seed=0):
+    """Answers of very different lengths, so micro-batches hold different numbers of trained tokens."""
+    rng = random.Random(seed)
+    words = "one two three four five six seven eight nine".split()
+    return [{"instruction": f"count to {k}", "input": "", "output": " ".join(words[:k])}
+            for k in (rng.randint(1, 9) for _ in range(n))]
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in losses(run_dir) if r["kind"] == "train"]
+
+
+def run(path, *sets, **kwargs):
+    r = recipe_mod.load(path, list(sets))
+    return train.run(r, output=recipe_mod.default_output(r), progress=False, **kwargs)
+
+
+def test_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows())
+    results = {}
+    for name, bs, ga in (("big", 8, 1), ("accum", 2, 4)):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = make_recipe(folder, tiny_model_dir, data, strategy={"name": "full"},
+                           training={"max_steps": 3, "batch_size": bs, "grad_accum": ga, "lr": 1e-3},
+                           data={"packing": False})
+        results[name] = run(path)
+    a, b = (load_file(str(results[k] / "checkpoints" / "step-3" / "trainable.safetensors")) for k in ("big", "accum"))
+    assert train_losses(results["big"]) == pytest.approx(train_losses(results["accum"]), rel=1e-5)
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name in a:
+        moved = (a[name] - start[name]).abs().max()
+        assert torch.allclose(a[name], b[name], atol=1e-6 + 1e-3 * float(moved)), name
+    # power check: the micro-batches really hold different numbers of trained tokens, so averaging
+    # per micro-batch (the common bug) would weigh tokens differently and fail the comparison above
+    tokens = [r["trained_tokens"] for r in losses(results["accum"]) if r["kind"] == "train"]
+    assert len(set(tokens)) > 1
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
+    sections = dict(strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+                    training={"max_steps": 12, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 4},
+                    eval={"every": 5})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run(make_recipe(tmp_path / "a", tiny_model_dir, data, **sections))
+    path = make_recipe(tmp_path / "b", tiny_model_dir, data, **sections)
+
+    def ctrl_c_at_6(step, loss):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunError, match="interrupted at step 6"):
+        run(path, hooks=train.Hooks(after_step=[ctrl_c_at_6]))
+    out = tmp_path / "b" / "run"
+    assert (out / "checkpoints" / "step-6" / "optimizer.pt").is_file()
+    assert not (out / "adapter").exists()
+    with pytest.raises(UserError, match="already exists"):
+        run(path)
+    resumed = run(path, resume=True)
+    assert len(train_losses(resumed)) == 12
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)
+    a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    report = json.loads((resumed / "report.json").read_text())
+    assert report["run"]["resumed_from"] == 6 and report["before"]["loss"] > report["after"]["loss"]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir, addition_data):
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data, training={"max_steps": 2})
+    run(path)
+    with pytest.raises(UserError, match="training.lr"):
+        run(path, "training.lr=0.5", resume=True)
+
+
+def test_loss_falls(tmp_path, tiny_model_dir, addition_data):
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data, strategy={"name": "full"},
+                       training={"max_steps": 30, "batch_size": 8, "lr": 3e-3, "schedule": "constant"})
+    out = run(path)
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["loss"] < report["before"]["loss"] - 1.0
+    ls = train_losses(out)
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 1.0
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_a_checkpoint(tmp_path, tiny_model_dir, addition_data, monkeypatch):
+    import ftcli.train as train_mod
+
+    real = train_mod.nll_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        return out * float("nan") if calls["n"] > 3 and model.training else out
+
+    monkeypatch.setattr(train_mod, "nll_sum", poisoned)
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data, training={"max_steps": 8})
+    with pytest.raises(RunError, match="loss became nan at step 4") as e:
+        run(path)
+    assert "checkpointed" in str(e.value)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "step-3" / "trainable.safetensors").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["status"].startswith("stopped") and report["run"]["steps"] == 3
+
+
+def test_ftcli_train_writes_the_run_folder(tmp_path, tiny_model_dir, addition_data, run_cli):
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data,
+                       training={"max_steps": 4, "checkpoint_every": 2}, eval={"every": 2})
+    code, out, err = run_cli("train", path)
+    assert code == 0, err
+    run_dir = tmp_path / "run"
+    assert "validation loss" in out and str(run_dir) in out
+    for name in ("recipe.resolved.yaml", "metrics.jsonl", "report.json", "report.md", "loss.png",
+                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "checkpoints/step-4/state.json",
+                 "checkpoints/step-4/optimizer.pt", "checkpoints/step-4/scheduler.pt", "checkpoints/step-4/rng.pt"):
+        assert (run_dir / name).is_file(), name
+    resolved = (run_dir / "recipe.resolved.yaml").read_text()
+    assert "torch:" in resolved and "transformers:" in resolved and "peft:" in resolved and "git_commit" in resolved
+    records = losses(run_dir)
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "tokens_per_s", "trained_tokens"} <= r.keys() for r in train_recs)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["data"]["splits"]["train"]["rows"] == 48 and "⟦" in report["data"]["example"]
+    md = (run_dir / "report.md").read_text()
+    assert "before" in md and "loss.png" in md and "trainable parameters" in md
+    assert not list(run_dir.rglob("*.tmp"))  # nothing half-written left behind
+    # the run folder is protected; --overwrite replaces it
+    code, _, err = run_cli("train", path)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli("train", path, "--overwrite", "--set", "training.max_steps=1")
+    assert code == 0, err
+    assert [r["step"] for r in losses(run_dir) if r["kind"] == "train"] == [1]
+
+
+def test_ftcli_check_reports_the_plan(tmp_path, tiny_model_dir, addition_data, run_cli):
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data)
+    code, out, err = run_cli("check", path)
+    assert code == 0, err
+    assert "trainable" in out and "⟦" in out and "train" in out and "validation" in out
+    assert not (tmp_path / "run").exists()
