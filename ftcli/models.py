@@ -49,13 +49,15 @@ def cache_root() -> Path:
 # resolving a spec to a local folder
 
 
-def resolve(spec: str, *, allow_pickle: bool = False, log=print) -> str:
-    """A model spec → something `from_pretrained` can open: a local folder path, or the hub id itself."""
+def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=print) -> str:
+    """A model spec → something `from_pretrained` can open: a local folder path, or the hub id itself.
+    weights=False for tokenizer-only folders (an adapter folder carries the tokenizer but no config)."""
     if spec in BUILTINS:
         return str(builtin_folder(spec, log=log))
     path = Path(spec).expanduser()
     if path.is_dir():
-        check_weight_files(path, allow_pickle)
+        if weights:
+            check_weight_files(path, allow_pickle)
         return str(path.resolve())
     if path.exists():
         raise UserError(f"base_model {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
@@ -123,7 +125,7 @@ def builtin_folder(alias: str, log=print) -> Path:
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
     from transformers import AutoTokenizer
 
-    where = resolve(spec, allow_pickle=allow_pickle, log=log)
+    where = resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
     with _hub_errors(spec):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:

@@ -118,3 +118,16 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path, tiny_tokenizer):
     val_q = {ex.messages[0]["content"] for ex in a.validation.examples}
     assert len(val_q) == 10 and len(train_q) == 30 and not train_q & val_q
     assert val_q == {ex.messages[0]["content"] for ex in b.validation.examples}
+
+
+def test_values_are_read_verbatim(tmp_path):
+    """datasets' loaders would turn '1974-02-09' into a timestamp and '007' into 7."""
+    from ftcli.data.sources import read_rows
+
+    row = {"instruction": "date", "input": "007", "output": "1974-02-09"}
+    assert read_rows(str(write_jsonl(tmp_path / "a.jsonl", [row]))) == [row]
+    (tmp_path / "a.csv").write_text("instruction,input,output\ndate,007,1974-02-09\n")
+    assert read_rows(str(tmp_path / "a.csv")) == [row]
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(UserError, match="bad.jsonl line 2"):
+        read_rows(str(tmp_path / "bad.jsonl"))

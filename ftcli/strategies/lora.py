@@ -40,7 +40,6 @@ class Lora(Strategy):
             use_dora=self.use_dora,
             bias="none",
             task_type="CAUSAL_LM",
-            base_model_name_or_path=ctx.recipe.base_model,
         )
 
     def prepare(self, model, ctx: Context):
@@ -56,4 +55,6 @@ class Lora(Strategy):
         return peft_model
 
     def save(self, model, folder):
-        model.save_pretrained(str(folder), safe_serialization=True)
+        # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
+        # model up on the hub to compare vocabularies (a warning offline)
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)

