@@ -23,7 +23,8 @@ _state = {"debug": False}
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # soft_wrap: paths and numbers stay on one line whatever the terminal width (scripts grep them)
+    return Console(stderr=False, highlight=False, soft_wrap=True)
 
 
 @app.callback()
@@ -98,7 +99,7 @@ def _print_run_summary(console, run_dir: Path) -> None:
 
     s = json.loads((run_dir / "report.json").read_text())
     b, a = s.get("before", {}), s.get("after", {})
-    console.rule(f"run folder: {run_dir}")
+    console.print(f"[bold]run folder:[/] {run_dir}")
     for key in ("loss", "perplexity", "exact_match"):
         if key in b and key in a:
             console.print(f"validation {key}: {b[key]:.4f} → {a[key]:.4f}")
@@ -118,7 +119,10 @@ def main() -> None:
     except FtcliError as e:
         if _state["debug"]:
             raise
-        _console_err().print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        # soft_wrap: a path or key in the message is never broken across lines
+        _console_err().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -138,7 +142,7 @@ def main() -> None:
 def _console_err():
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
