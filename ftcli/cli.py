@@ -94,6 +94,83 @@ def _print_plan(console, r, p) -> None:
     console.print(text)
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="a built-in alias, a model folder, a run folder, or an adapter (with --base)"),
+    data: Path = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet rows to score"),
+    format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | chat | completion | classification | choice"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", "-m",
+                                          help="comma-separated: loss, perplexity, exact_match, rougeL, numeric, "
+                                               "accuracy, choice (default: by format)"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="score only N rows (the first N)"),
+    sample: Optional[int] = typer.Option(None, "--sample", help="with --limit: a random sample drawn with this seed"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="a second model (OTHER) scored on the same rows; change = MODEL − OTHER"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
+    field: List[str] = typer.Option([], "--field", help="map a format field to your column: name=column (repeatable)"),
+    instruction: Optional[str] = typer.Option(None, "--instruction", help="classification/choice instruction"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers to this JSON file"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Score a model, a run or an adapter on a dataset; --compare puts a second model beside it."""
+    from ftcli import scoring
+    from ftcli.errors import UserError
+
+    fields = {}
+    for item in field:
+        if "=" not in item:
+            raise UserError(f"--field {item!r}: expected name=column")
+        k, v = item.split("=", 1)
+        fields[k.strip()] = v.strip()
+    if format not in scoring.DEFAULT_METRICS:
+        raise UserError(f"--format {format!r}: choose from {', '.join(scoring.DEFAULT_METRICS)}")
+    es = scoring.EvalSet(data=str(data), format=format, fields=fields, limit=limit, sample_seed=sample,
+                         metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else [],
+                         instruction=instruction)
+    console = _console()
+    result = scoring.run_eval([model] + ([compare] if compare else []), es, base=base, template=template,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, precision=precision,
+                              allow_pickle=allow_pickle, log=lambda m: console.print(f"[dim]{m}[/]"))
+    _print_eval(console, result)
+    if json_out:
+        from ftcli import atomic
+
+        atomic.write_json(json_out, result)
+        console.print(f"wrote {json_out}")
+
+
+def _print_eval(console, result: dict) -> None:
+    from rich.table import Table
+
+    specs = list(result["models"])
+    names = [_short(s) for s in specs]
+    table = Table(title=f"{_short(result['data'])} · {result['rows']} rows · format {result['format']}")
+    table.add_column("metric", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    if len(specs) == 2:
+        table.add_column("change", justify="right", no_wrap=True)
+    for m in result["metrics"] + ["rows_per_s"]:
+        vals = [result["models"][s].get(m) for s in specs]
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in vals]
+        if len(specs) == 2:
+            cells.append(f"{vals[0] - vals[1]:+.4f}" if None not in vals else "")  # MODEL − OTHER
+        table.add_row(m, *cells)
+    console.print(table)
+    for name, spec in zip(names, specs):
+        if name != spec:
+            console.print(f"[dim]{name} = {spec}[/]")
+
+
+def _short(spec: str) -> str:
+    """A column-sized name for a model or file: its last two path parts."""
+    parts = Path(spec).parts
+    return spec if len(parts) <= 2 else "/".join(parts[-2:])
+
+
 def _print_run_summary(console, run_dir: Path) -> None:
     import json
 

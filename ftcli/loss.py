@@ -54,3 +54,14 @@ def plain_nll_sum(model, batch) -> torch.Tensor:
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
         ignore_index=-100, reduction="sum",
     )
+
+
+def row_nll(model, batch) -> torch.Tensor:
+    """Per row: Σ −log p(token) over its trained tokens (rows are examples: an unpacked batch)."""
+    lm = causal_lm(model)
+    h = hidden_states(model, batch)[:, :-1]
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    nll = F.cross_entropy(lm.get_output_embeddings()(h[keep]).float(), targets[keep], reduction="none")
+    return torch.zeros(targets.shape[0], dtype=torch.float32, device=nll.device).index_add_(0, rows, nll)

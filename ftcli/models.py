@@ -273,7 +273,7 @@ def load_run(run_dir: Path, *, allow_pickle: bool = False, log=print):
         raise UserError(f"{run_dir}: not a finished run folder (no adapter/ or model/ inside)")
     recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (
         run_dir / "recipe.resolved.yaml").is_file() else {}
-    base = recipe.get("base_model") or _adapter_base(adapter)
+    base = recipe.get("base_model") or adapter_base(adapter)
     return load_adapter(adapter, base, allow_pickle=allow_pickle, log=log)
 
 
@@ -290,7 +290,7 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer
 
 
-def _adapter_base(adapter: Path) -> str:
+def adapter_base(adapter: Path) -> str:
     import json
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())

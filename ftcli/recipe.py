@@ -47,13 +47,14 @@ class RetentionSet(_Section):
     format: Literal["alpaca", "chat", "completion", "choice", "classification"] = "alpaca"
     metric: Literal["loss", "perplexity", "exact_match", "accuracy", "choice", "rougeL", "numeric"] = "loss"
     name: str | None = None
+    instruction: str | None = None
     limit: int | None = Field(200, ge=1, description="rows scored (the first N); null for all")
     fields: dict[str, str] = Field(default_factory=dict)
 
 
 class Data(_Section):
     train: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
-    format: Literal["alpaca", "chat", "completion"] = "chat"
+    format: Literal["alpaca", "chat", "completion", "classification", "choice"] = "chat"
     validation: Union[float, str, None] = Field(
         0.1, description="a fraction of train held out (seeded), a file, or null for none"
     )
@@ -66,6 +67,9 @@ class Data(_Section):
         None, description="'chatml', a .jinja file, or an inline Jinja template; default: the tokenizer's own"
     )
     system_prompt: str | None = Field(None, description="system message added to alpaca rows")
+    instruction: str | None = Field(
+        None, description="classification / choice rows: the instruction in the user turn ({labels}: the label set)"
+    )
     max_len: int = Field(512, ge=8)
     overlong: Literal["truncate", "drop"] = Field("truncate", description="rows over max_len")
     packing: bool = True
@@ -101,7 +105,8 @@ class Training(_Section):
 
 class Eval(_Section):
     every: int | None = Field(None, ge=1, description="steps between validation passes; null: before and after only")
-    metrics: list[Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy"]] = ["loss", "perplexity"]
+    metrics: list[Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice"]] = [
+        "loss", "perplexity"]
     max_new_tokens: int = Field(64, ge=1)
     limit: int | None = Field(200, ge=1, description="validation rows used for generation metrics")
     retention: list[RetentionSet] = Field(default_factory=list)

@@ -214,7 +214,16 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                             **{k: v for k, v in out.items() if k in ("exact_match",)}})
         return out
 
-    state: dict = {"best": None, "before": None, "tokens": 0, "trained_tokens": 0, "positions": 0,
+    from ftcli import scoring
+
+    retention = scoring.retention_sets(recipe)
+
+    def score_retention() -> list[dict]:
+        return [scoring.score(model, tokenizer, es, template=d.chat_template, batch_size=t.batch_size,
+                              max_new_tokens=recipe.eval.max_new_tokens, autocast=autocast)
+                for es in retention]
+
+    state: dict = {"best": None, "before": None, "retention_before": None, "tokens": 0, "trained_tokens": 0, "positions": 0,
                    "train_seconds": 0.0, "resumed_from": None}
     start_step = 0
     if resume:
@@ -227,6 +236,9 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
         log(f"resuming {run_dir} from step {start_step}")
     else:
         state["before"] = validate(0, generation=True)
+        if retention:
+            log(f"scoring {len(retention)} retention set(s) on the base model")
+            state["retention_before"] = score_retention()
 
     def save_checkpoint(step: int) -> Path:
         return checkpoint.save(run_dir, step, strategy.train_params(model), optimizer, scheduler,
@@ -312,9 +324,10 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     except KeyboardInterrupt:
         status, message = "interrupted", f"stopped at once during step {step + 1}; resume from the last checkpoint"
 
-    after = {}
+    after, retention_after = {}, []
     if status == "finished":
         after = validate(step, generation=True)
+        retention_after = score_retention()
         _note_best(state, step, after)
         save_checkpoint(step)
         artifact = run_dir / strategy.artifact
@@ -327,6 +340,7 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
         fn(accelerator.unwrap_model(model))
     summary = _summary(recipe, run_dir, strategy, model, data, state, status, message, step, steps, started,
                        trainable, total, after)
+    summary["retention"] = _retention_rows(retention, state.get("retention_before") or [], retention_after)
     report.write_report(run_dir, summary, metrics_log.read())
     if status != "finished":
         raise RunError(f"{message} (run folder: {run_dir})")
@@ -336,6 +350,19 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
 def _note_best(state: dict, step: int, metrics: dict) -> None:
     if metrics and (state["best"] is None or metrics["loss"] < state["best"]["loss"]):
         state["best"] = {"step": step, "loss": metrics["loss"]}
+
+
+def _retention_rows(sets, before: list[dict], after: list[dict]) -> list[dict]:
+    """One row per retention set: its metric on the base (before) and on the tuned model (after)."""
+    rows = []
+    for i, es in enumerate(sets):
+        b = before[i] if i < len(before) else {}
+        a = after[i] if i < len(after) else {}
+        m = es.metrics[0]
+        rows.append({"name": es.name, "data": es.data, "metric": m, "rows": (a or b).get("rows"),
+                     "before": b.get(m), "after": a.get(m),
+                     "change": a[m] - b[m] if m in a and m in b else None})
+    return rows
 
 
 def _summary(recipe, run_dir, strategy, model, data, state, status, message, step, steps, started, trainable,

@@ -6,7 +6,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from ftcli.data.formats import Example, check_fields, to_example
+from ftcli.data.formats import Example, check_fields, label_set, to_example
 from ftcli.data.sources import read_rows
 from ftcli.data.tokenize import Encoded, Encoder, EncodeStats
 from ftcli.errors import UserError
@@ -39,11 +39,21 @@ class DataBundle:
 
 
 def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,
-                  system_prompt: str | None = None, key: str = "data.train") -> list[Example]:
+                  system_prompt: str | None = None, instruction: str | None = None,
+                  labels: list[str] | None = None, sample_seed: int | None = None) -> list[Example]:
+    """Read and format rows: the first `limit`, or with `sample_seed` a seeded random sample of `limit` rows.
+    Classification rows take their label set from `labels`, else from every row of the source."""
     check_fields(fmt, fields)
-    rows = read_rows(source, split=split, limit=limit)
-    return [to_example(row, fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt)
-            for i, row in enumerate(rows)]
+    whole = fmt == "classification" or sample_seed is not None
+    rows = read_rows(source, split=split, limit=None if whole else limit)
+    if fmt == "classification" and labels is None:
+        labels = label_set(rows, fields)
+    index = list(range(len(rows)))
+    if limit is not None and limit < len(rows):
+        index = sorted(random.Random(sample_seed).sample(index, limit)) if sample_seed is not None else index[:limit]
+    return [to_example(rows[i], fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt,
+                       instruction=instruction, labels=labels)
+            for i in index]
 
 
 def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str) -> Split:
@@ -62,7 +72,9 @@ def build(recipe, tokenizer) -> DataBundle:
     """Read, format, encode and split the recipe's data."""
     d = recipe.data
     encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format)
-    examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt)
+    examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt,
+                             instruction=d.instruction)
+    labels = examples[0].choices if d.format == "classification" and examples else None
     validation_examples: list[Example] = []
     val_source = ""
     if isinstance(d.validation, float):
@@ -77,7 +89,7 @@ def build(recipe, tokenizer) -> DataBundle:
         val_source = f"{d.validation:g} of {d.train} (seed {recipe.training.seed})"
     elif isinstance(d.validation, str):
         validation_examples = load_examples(d.validation, d.format, d.fields, system_prompt=d.system_prompt,
-                                            key="data.validation")
+                                            instruction=d.instruction, labels=labels)
         val_source = d.validation
     train = encode_split("train", examples, encoder, d.train)
     validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None

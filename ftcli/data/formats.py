@@ -14,7 +14,13 @@ FIELDS = {
     "alpaca": ("instruction", "input", "output"),
     "chat": ("messages", "role", "content"),
     "completion": ("text",),
+    "classification": ("text", "label"),
+    "choice": ("question", "choices", "answer"),
 }
+# The user turn of a classification row: `instruction` (default below; {labels} is the label set) + the text.
+DEFAULT_CLASSIFY = "Classify the text. Answer with one of: {labels}."
+DEFAULT_CHOOSE = "Answer with the text of the correct option."
+LETTERS = "ABCDEFGHIJ"
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -25,6 +31,8 @@ class Example:
 
     messages: list[dict] | None = None
     text: str | None = None
+    choices: list[str] | None = None  # classification / choice rows: the candidate answers ...
+    gold: int | None = None  # ... and the index of the right one
 
     @property
     def prompt(self) -> list[dict]:
@@ -45,7 +53,23 @@ def check_fields(fmt: str, fields: dict[str, str], key: str = "data.fields") -> 
         )
 
 
-def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_prompt: str | None = None) -> Example:
+def label_set(rows: list[dict], fields: dict[str, str]) -> list[str]:
+    """The labels of a classification dataset: every distinct label value, sorted (numbers numerically)."""
+    col = fields.get("label", "label")
+    values = {str(r[col]) for r in rows if r.get(col) is not None}
+    return sorted(values, key=lambda v: (0, float(v), v) if _is_number(v) else (1, 0.0, v))
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_prompt: str | None = None,
+               instruction: str | None = None, labels: list[str] | None = None) -> Example:
     """Convert one row; errors name the file, the row and the missing or bad field."""
     col = {name: fields.get(name, name) for name in FIELDS[fmt]}
 
@@ -64,6 +88,11 @@ def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_p
         if not isinstance(text, str):
             raise UserError(f"{where}: field '{col['text']}' must be a string")
         return Example(text=text)
+    if fmt in ("classification", "choice"):
+        ex = _choice_example(fmt, get, col, where, instruction, labels)
+        if system_prompt:
+            ex.messages.insert(0, {"role": "system", "content": system_prompt})
+        return ex
     if fmt == "alpaca":
         instruction, output = get("instruction"), get("output")
         extra = get("input", required=False)
@@ -88,3 +117,37 @@ def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_p
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: no assistant message, so nothing would be trained")
     return Example(messages=messages)
+
+
+def _choice_example(fmt: str, get, col: dict, where: str, instruction: str | None, labels: list[str] | None) -> Example:
+    """A classification row (text → one of the dataset's labels) or a multiple-choice row (question, choices,
+    answer as an index, a letter or the option's text); the right answer is the assistant turn."""
+    if fmt == "classification":
+        choices = list(labels or [])
+        text, label = str(get("text")), str(get("label"))
+        user = f"{(instruction or DEFAULT_CLASSIFY).format(labels=', '.join(choices))}\n\n{text}"
+        gold = choices.index(label) if label in choices else None
+    else:
+        choices = get("choices")
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise UserError(f"{where}: field '{col['choices']}' must be a list of at least 2 options")
+        choices = [str(c) for c in choices]
+        gold = _answer_index(get("answer"), choices, where, col["answer"])
+        options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+        user = f"{get('question')}\n\n{options}\n\n{instruction or DEFAULT_CHOOSE}"
+    if gold is None:
+        raise UserError(f"{where}: label {label!r} is not one of {choices}")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": choices[gold]}]
+    return Example(messages=messages, choices=choices, gold=gold)
+
+
+def _answer_index(answer, choices: list[str], where: str, column: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    text = str(answer).strip()
+    if len(text) == 1 and text.upper() in LETTERS[: len(choices)]:
+        return LETTERS.index(text.upper())
+    if text in choices:
+        return choices.index(text)
+    raise UserError(f"{where}: field '{column}' is {answer!r}; expected an index 0..{len(choices) - 1}, a letter "
+                    f"A..{LETTERS[len(choices) - 1]} or one of the options")

@@ -19,9 +19,6 @@ LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parque
 
 def read_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
     """All rows of a file or hub dataset as plain dicts (the first `limit` when given)."""
-    import datasets
-
-    datasets.disable_progress_bars()
     path = Path(source)
     suffix = path.suffix.lower()
     if path.exists() or suffix in LOADERS:
@@ -34,6 +31,10 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
             if not rows:
                 raise UserError(f"data {source}: no rows")
             return rows[:limit] if limit is not None else rows
+    import datasets  # only for parquet and the hub: it costs a second to import
+
+    datasets.disable_progress_bars()
+    if path.exists():
         try:
             ds = datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train")
         except Exception as e:  # datasets wraps parser errors several levels deep
