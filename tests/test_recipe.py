@@ -52,7 +52,7 @@ def test_wrong_type_and_bad_value():
     assert "training.lr: expected a number, got 'fast'" in msg
     assert "training.batch_size" in msg and "greater than or equal to 1" in msg
     msg = error_of({"data": {"train": "x.jsonl", "format": "sharegpt"}})
-    assert "data.format" in msg and "'alpaca', 'chat' or 'completion'" in msg
+    assert "data.format" in msg and "'alpaca', 'chat', 'completion', 'classification' or 'choice'" in msg
 
 
 def test_missing_required_key():
