@@ -49,6 +49,7 @@ class RetentionSet(_Section):
     name: str | None = None
     instruction: str | None = None
     limit: int | None = Field(200, ge=1, description="rows scored (the first N); null for all")
+    sample: int | None = Field(None, description="with limit: a random sample of rows drawn with this seed")
     fields: dict[str, str] = Field(default_factory=dict)
 
 

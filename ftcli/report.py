@@ -116,7 +116,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> bool:
             ax.plot(xs, smooth, color="#08519c", linewidth=2, label=f"train loss ({k}-step mean)")
     if val:
         xs, ys = zip(*val)
-        ax.plot(xs, ys, "o-", color="#d94801", linewidth=1.5, markersize=5, label="validation loss")
+        ax.plot(xs, ys, "o--", color="#d94801", linewidth=1.2, markersize=6, label="validation loss (at evaluations)")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss (nats per trained token)")
     ax.set_title(title, fontsize=10)
@@ -171,7 +171,7 @@ def render_markdown(s: dict) -> str:
     before, after = s.get("before", {}), s.get("after", {})
     if before or after:
         out += ["## Validation: before and after training", ""]
-        keys = [k for k in ("loss", "perplexity", "exact_match", "accuracy", "rougeL", "numeric") if k in before or k in after]
+        keys = [k for k in ("loss", "perplexity", "exact_match", "accuracy", "choice", "rougeL", "numeric") if k in before or k in after]
         out += metrics_table(before, after, keys)
         if s.get("best"):
             out += ["", f"Best validation loss {s['best']['loss']:.4f} at step {s['best']['step']}."]

@@ -129,7 +129,7 @@ def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_s
 def retention_sets(recipe) -> list[EvalSet]:
     """The recipe's `eval.retention` entries as evaluation sets (one metric each)."""
     return [EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
-                    limit=r.limit, instruction=r.instruction) for r in recipe.eval.retention]
+                    limit=r.limit, sample_seed=r.sample, instruction=r.instruction) for r in recipe.eval.retention]
 
 
 def headline(es: EvalSet, result: dict) -> float | None:

@@ -19,12 +19,12 @@ from typing import Callable
 
 import torch
 
-from ftcli import checkpoint, report
+from ftcli import checkpoint, report, scoring
 from ftcli.data import DataBundle
 from ftcli.data.batching import collate, plan_epoch
-from ftcli.data.tokenize import marked_text, show_mask
+from ftcli.data.tokenize import Encoder, marked_text, show_mask
 from ftcli.errors import RunError, UserError
-from ftcli.evaluate import generation_metrics, loss_metrics, to_device
+from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics, to_device
 from ftcli.loss import causal_lm, nll_sum
 from ftcli.strategies import Context, Strategy
 
@@ -205,16 +205,19 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
             return {}
         out = loss_metrics(model, data.validation.encoded, batch_size=t.batch_size, pad_id=pad_id,
                            packing=d.packing, pack_len=pack_len, autocast=autocast)
+        if generation and {"accuracy", "choice"} & set(recipe.eval.metrics) and data.validation.examples[0].choices:
+            rows = data.validation.examples[: recipe.eval.limit] if recipe.eval.limit else data.validation.examples
+            whole = Encoder(tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
+            acc = choice_accuracy(model, whole, rows, batch_size=t.batch_size, autocast=autocast)["accuracy"]
+            out.update({m: acc for m in ("accuracy", "choice") if m in recipe.eval.metrics})
         if generation:
             gen = generation_metrics(model, tokenizer, data.encoder, data.validation.examples, recipe.eval.metrics,
                                      max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.limit,
                                      autocast=autocast)
             out.update(gen)
         metrics_log.append({"kind": "eval", "step": step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
-                            **{k: v for k, v in out.items() if k in ("exact_match",)}})
+                            **{k: v for k, v in out.items() if k in ("exact_match", "rougeL", "numeric", "accuracy", "choice")}})
         return out
-
-    from ftcli import scoring
 
     retention = scoring.retention_sets(recipe)
 
@@ -249,7 +252,9 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     plans: dict[int, list] = {}
     lengths = data.train.lengths
     model.train()
-    bar = _progress(console, progress)
+    # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
+    bar = _progress(console, progress and console is not None and console.is_terminal)
+    line_every = max(1, steps // 20) if progress and bar is None else 0
     task = bar.add_task("training", total=steps, completed=start_step, loss=float("nan"), tps=0.0) if bar else None
     last_checkpoint = checkpoint.list_steps(run_dir)[-1] if resume else None
     try:
@@ -309,6 +314,10 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                     metrics_log.append(rec)
                 for fn in hooks.after_step:
                     fn(step, step_nll)
+                if line_every and (step % line_every == 0 or step == steps):
+                    rate = state["tokens"] / state["train_seconds"]
+                    left = (steps - step) * state["train_seconds"] / max(step - start_step, 1)
+                    log(f"step {step}/{steps} · loss {step_nll:.4f} · {rate:.0f} tok/s · {left:.0f} s left")
                 if bar:
                     bar.update(task, completed=step, loss=step_nll, tps=state["tokens"] / state["train_seconds"])
                 if recipe.eval.every and step % recipe.eval.every == 0 and step < steps:

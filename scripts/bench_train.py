@@ -1,0 +1,240 @@
+"""Training throughput, side by side: HF Trainer + PEFT (the standard stack) against `ftcli train`.
+
+Same rows (../shared/data/alpaca train, chat-templated with the model's template, loss on the responses), same
+model (the built-in SmolLM2-135M-Instruct), same hyperparameters, same number of examples. Every run is its own
+process, so peak RSS is that run's alone. The first WARMUP steps of each run are excluded from the timings.
+
+    python scripts/bench_train.py                       # lora and full, HF and ftcli, fp32; prints the table
+    python scripts/bench_train.py --variants             # also ftcli's optimisations one at a time (packing off, bf16, compile)
+    python scripts/bench_train.py --markdown docs/benchmarks.md
+
+The HF side is the standard way: DataCollatorForSeq2Seq padding to the longest row of the batch, the Trainer's
+defaults (AdamW, linear schedule, fp32), `Trainer.train()`. Both sides tokenise with ftcli's encoder so the token
+ids and masks are identical; validation loss is computed by the same function for both after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "alpaca"
+WARMUP = 2
+LR = 2e-4
+
+
+def encoded_rows(tokenizer, path: Path, start: int, n: int, max_len: int):
+    from ftcli.data import load_examples
+    from ftcli.data.tokenize import Encoder
+
+    examples = load_examples(str(path), "alpaca", {}, limit=start + n)[start:]
+    encoder = Encoder(tokenizer, None, max_len, "truncate", "alpaca")
+    return [e for e in encoder.encode_all(examples)[0] if e is not None]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -------------------------------------------------------------------------------------------------------------
+# workers (each runs in its own process)
+
+
+def worker_hf(args) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from ftcli import models
+
+    torch.manual_seed(0)
+    folder = str(models.builtin_folder("smollm2-135m-instruct"))
+    tokenizer = models.load_tokenizer(folder)
+    model = models.load_model(folder)
+    if args.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    rows = encoded_rows(tokenizer, DATA / "train.jsonl", 0, args.rows, args.max_len)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels(), "attention_mask": [1] * len(e.input_ids)} for e in rows]
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    seen: list[tuple[int, int]] = []  # per batch: (non-pad tokens, computed positions)
+
+    def collate(features):
+        batch = collator(features)
+        seen.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
+
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    targs = TrainingArguments(output_dir=args.tmp, per_device_train_batch_size=args.batch, learning_rate=LR,
+                              num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                              seed=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    return finish(args, model, tokenizer, times, [s[0] for s in seen], [s[1] for s in seen], losses)
+
+
+def worker_ftcli(args) -> dict:
+    import yaml
+
+    from ftcli import recipe as recipe_mod
+    from ftcli import train
+
+    tmp = Path(args.tmp)
+    from ftcli import models
+
+    tokenizer = models.load_tokenizer(str(models.builtin_folder("smollm2-135m-instruct")))
+    rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()[: args.rows]]
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    strategy = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"} if args.strategy == "lora" \
+        else {"name": "full"}
+    doc = {"base_model": "smollm2-135m-instruct", "strategy": strategy,
+           "data": {"train": str(tmp / "train.jsonl"), "format": "alpaca", "validation": None, "max_len": args.max_len,
+                    "packing": not args.no_packing},
+           "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
+                        "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": 0},
+           "eval": {"metrics": ["loss"]}, "output": str(tmp / "run")}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    r = recipe_mod.load(tmp / "recipe.yaml")
+    holder = {}
+    run_dir = train.run(r, output=tmp / "run", progress=False,
+                        hooks=train.Hooks(at_end=[lambda m: holder.setdefault("model", m)]))
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [x for x in recs if x["kind"] == "train"]
+    positions = json.loads((run_dir / "report.json").read_text())["throughput"]
+    pad = positions["padding_fraction"]
+    toks = [x["tokens"] for x in recs]
+    return finish(args, holder["model"], tokenizer, [x["step_s"] for x in recs], toks,
+                  [t / max(1 - pad, 1e-9) for t in toks], [x["loss"] for x in recs])
+
+
+def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
+    """Timings without the warm-up steps, and validation loss on held-back rows by one shared function."""
+    from ftcli.evaluate import loss_metrics
+
+    val = encoded_rows(tokenizer, DATA / "test.jsonl", 0, args.val_rows, args.max_len)
+    pad = tokenizer.pad_token_id
+    vloss = loss_metrics(model, val, batch_size=8, pad_id=pad, packing=False, pack_len=args.max_len)["loss"]
+    t, n = sum(times[WARMUP:]), sum(tokens[WARMUP:])
+    return {"steps": len(times), "measured_steps": len(times) - WARMUP, "tokens_per_s": n / t,
+            "s_per_step": t / max(len(times) - WARMUP, 1),
+            "padding": 1 - sum(tokens) / max(sum(positions), 1), "peak_rss_mb": peak_rss_mb(),
+            "final_train_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": vloss}
+
+
+# -------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--worker", system, "--strategy", strategy, "--rows", str(args.rows),
+               "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
+               "--tmp", tmp, "--result", str(out), *extra]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+            raise SystemExit(f"{system} {strategy} failed")
+        res = json.loads(out.read_text())
+        res["wall_s"] = time.perf_counter() - t0
+        return res
+
+
+def table(results: list[tuple[str, str, dict]], ref: dict[str, dict]) -> str:
+    head = ("| strategy | system | non-pad tokens/s | s/step | padding | peak RSS MB | final train loss | val loss "
+            "| tokens/s ÷ HF | RSS ÷ HF |")
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for strategy, system, r in results:
+        hf = ref[strategy]
+        lines.append(
+            f"| {strategy} | {system} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | {r['padding'] * 100:.0f}% | "
+            f"{r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
+            f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default="lora,full")
+    ap.add_argument("--rows", type=int, default=96, help="training examples (each system sees the same ones)")
+    ap.add_argument("--val-rows", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation changed at a time")
+    ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
+    ap.add_argument("--worker", choices=["hf", "ftcli"], help=argparse.SUPPRESS)
+    ap.add_argument("--strategy", default="lora", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-packing", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        from ftcli.logs import quiet
+
+        quiet()
+        res = (worker_hf if args.worker == "hf" else worker_ftcli)(args)
+        Path(args.result).write_text(json.dumps(res))
+        return
+    if not (DATA / "train.jsonl").is_file():
+        raise SystemExit(f"needs {DATA}/train.jsonl (the workspace's shared data)")
+    results, ref = [], {}
+    for strategy in args.strategies.split(","):
+        runs = [("HF Trainer + PEFT" if strategy == "lora" else "HF Trainer", "hf", []), ("ftcli", "ftcli", [])]
+        if args.variants:
+            runs += [("ftcli, packing off", "ftcli", ["--no-packing"]),
+                     ("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),
+                     ("ftcli, torch.compile", "ftcli", ["--compile"])]
+        for label, system, extra in runs:
+            print(f"running {strategy} · {label} ...", flush=True)
+            r = run_one(system, strategy, args, extra)
+            print(f"  {r['tokens_per_s']:.1f} tok/s · {r['s_per_step']:.2f} s/step · RSS {r['peak_rss_mb']:.0f} MB · "
+                  f"val loss {r['val_loss']:.4f} · wall {r['wall_s']:.0f} s", flush=True)
+            if system == "hf":
+                ref[strategy] = r
+            results.append((strategy, label, r))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    cmd = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
+    text = table(results, ref)
+    info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, fp32 unless said, "
+            f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
+            f"Machine: {os.cpu_count()} cores, {cpu}.")
+    print()
+    print(text)
+    print()
+    print(info)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(f"# Training throughput\n\nCommand: `{cmd.strip()}`\n\n{info}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
