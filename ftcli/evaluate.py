@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from ftcli.data.batching import eval_batches
-from ftcli.loss import nll_sum, row_nll
+from ftcli.loss import causal_lm, hidden_states, nll_sum
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -155,35 +155,78 @@ def generation_metrics(model, tokenizer, encoder, examples, metrics: list[str], 
 
 @torch.no_grad()
 def choice_scores(model, encoder, examples, *, batch_size: int = 16, autocast=nullcontext) -> list[list[float]]:
-    """Per example, the summed log-likelihood of each of its `choices` as the assistant's reply."""
+    """Per example, the summed log-likelihood of each of its `choices` as the assistant's reply.
+
+    The candidates of one example share their prompt, so each example is one row laid out as a tree: the shared
+    prefix once, then every candidate's tail, each tail attending to the prefix and to itself only (a 4-D mask;
+    its positions continue from the prefix). Two labels cost one prompt, not two; four options, one, not four.
+    """
     from dataclasses import replace
 
-    from ftcli.data.batching import collate
-
-    candidates = []  # (example index, choice index, Encoded)
-    for i, ex in enumerate(examples):
+    trees = []
+    for ex in examples:
         if not ex.choices:
             raise ValueError("choice scoring needs rows with choices (format classification or choice)")
         variants = [replace(ex, messages=ex.prompt + [{"role": "assistant", "content": c}]) for c in ex.choices]
-        encoded, _ = encoder.encode_all(variants)
-        candidates += [(i, j, enc) for j, enc in enumerate(encoded) if enc is not None]
+        trees.append(_tree([e for e in encoder.encode_all(variants)[0]]))
     scores = [[-math.inf] * len(ex.choices) for ex in examples]
     was_training = model.training
     model.eval()
     device = _device(model)
     pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos_id
-    order = sorted(range(len(candidates)), key=lambda k: len(candidates[k][2].input_ids))
+    order = sorted(range(len(trees)), key=lambda i: len(trees[i][0]))
     try:
         for s in range(0, len(order), batch_size):
-            chunk = [candidates[k] for k in order[s : s + batch_size]]
-            batch = to_device(collate([c[2] for c in chunk], pad, False, 0), device)
+            idx = order[s : s + batch_size]
+            width = max(len(trees[i][0]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            pos = torch.zeros((len(idx), width), dtype=torch.long)
+            mask = torch.eye(width, dtype=torch.bool).repeat(len(idx), 1, 1)  # pads see themselves (no NaN rows)
+            src, tgt, slot = [], [], []
+            for r, i in enumerate(idx):
+                row_ids, row_pos, row_mask, scored = trees[i]
+                n = len(row_ids)
+                ids[r, :n], pos[r, :n], mask[r, :n, :n] = torch.tensor(row_ids), torch.tensor(row_pos), row_mask
+                for choice, source, target in scored:
+                    src.append(r * width + source)
+                    tgt.append(target)
+                    slot.append((i, choice))
             with autocast():
-                nll = row_nll(model, batch).tolist()
-            for (i, j, _), v in zip(chunk, nll):
-                scores[i][j] = -v
+                h = hidden_states(model, ids.to(device), pos.to(device), mask[:, None].to(device))
+                logits = causal_lm(model).get_output_embeddings()(h.reshape(-1, h.shape[-1])[torch.tensor(src)])
+            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tgt, device=device)[:, None])
+            for (i, choice), v in zip(slot, logp[:, 0].tolist()):
+                scores[i][choice] = (0.0 if scores[i][choice] == -math.inf else scores[i][choice]) + v
     finally:
         model.train(was_training)
     return scores
+
+
+def _tree(encoded: list) -> tuple[list[int], list[int], torch.Tensor, list[tuple[int, int, int]]]:
+    """One example's candidates as a prefix tree row: (ids, position ids, [n, n] attention mask, and per scored
+    token (candidate, index of the position that predicts it, token id))."""
+    live = [(j, e) for j, e in enumerate(encoded) if e is not None]
+    first = min(e.trained.index(True) for _, e in live)  # shared up to the first scored token of any candidate
+    k = 0
+    while k < first and all(k < len(e.input_ids) and e.input_ids[k] == live[0][1].input_ids[k] for _, e in live):
+        k += 1
+    ids, pos = list(live[0][1].input_ids[:k]), list(range(k))
+    spans, scored = [], []
+    for j, e in live:
+        last = max(t for t, m in enumerate(e.trained) if m)  # the tail ends at its last scored token
+        tail = e.input_ids[k : last + 1]
+        start = len(ids)
+        for t in range(k, last + 1):
+            if e.trained[t]:
+                scored.append((j, k - 1 if t == k else start + (t - k) - 1, e.input_ids[t]))
+        ids += tail
+        pos += range(k, k + len(tail))
+        spans.append((start, len(ids)))
+    n = len(ids)
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    for a, (s0, e0) in enumerate(spans):  # a tail does not see the tails before it
+        mask[s0:e0, k:s0] = False
+    return ids, pos, mask, scored
 
 
 def choice_accuracy(model, encoder, examples, *, batch_size: int = 16, autocast=nullcontext) -> dict:

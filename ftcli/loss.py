@@ -20,9 +20,11 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model, batch) -> torch.Tensor:
+def hidden_states(model, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
+    """The decoder's last hidden states; `attention_mask` may be a 4-D boolean mask (True: attend)."""
     lm = causal_lm(model)
-    out = lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    out = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -33,7 +35,7 @@ def _head_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def nll_sum(model, batch) -> torch.Tensor:
     """Σ −log p(token) over the batch's trained tokens (each predicted from the positions before it)."""
     lm = causal_lm(model)
-    h = hidden_states(model, batch)[:, :-1]
+    h = hidden_states(model, batch.input_ids, batch.position_ids)[:, :-1]
     targets = batch.labels[:, 1:]
     keep = targets != -100
     h, targets = h[keep], targets[keep]
@@ -55,13 +57,3 @@ def plain_nll_sum(model, batch) -> torch.Tensor:
         ignore_index=-100, reduction="sum",
     )
 
-
-def row_nll(model, batch) -> torch.Tensor:
-    """Per row: Σ −log p(token) over its trained tokens (rows are examples: an unpacked batch)."""
-    lm = causal_lm(model)
-    h = hidden_states(model, batch)[:, :-1]
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
-    nll = F.cross_entropy(lm.get_output_embeddings()(h[keep]).float(), targets[keep], reduction="none")
-    return torch.zeros(targets.shape[0], dtype=torch.float32, device=nll.device).index_add_(0, rows, nll)

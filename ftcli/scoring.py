@@ -146,6 +146,9 @@ def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template
     import torch
 
     from ftcli.data import load_examples
+    from ftcli.runtime import tune_allocator
+
+    tune_allocator()
 
     examples = load_examples(es.data, es.format, es.fields, split=es.split, limit=es.limit,
                              instruction=es.instruction, sample_seed=es.sample_seed)

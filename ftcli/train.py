@@ -10,7 +10,6 @@ loss stops the run before the bad update is applied; Ctrl-C finishes the step, w
 from __future__ import annotations
 
 import math
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 
 from ftcli import checkpoint, report, scoring
+from ftcli.runtime import peak_rss_mb, tune_allocator
 from ftcli.data import DataBundle
 from ftcli.data.batching import collate, plan_epoch
 from ftcli.data.tokenize import Encoder, marked_text, show_mask
@@ -105,10 +105,6 @@ def make_scheduler(recipe, optimizer, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(recipe, steps), num_training_steps=steps)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class _Interrupt:
     """First Ctrl-C: finish the step, checkpoint, exit. Second: stop at once."""
 
@@ -159,6 +155,7 @@ def resume_conflicts(run_dir: Path, recipe) -> list[str]:
 def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, allow_pickle: bool = False,
         console=None, hooks: Hooks | None = None, progress: bool = True) -> Path:
     """Train a recipe into the run folder `output`; returns the folder."""
+    tune_allocator()
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 

@@ -12,7 +12,7 @@ from ftcli import scoring
 from ftcli.data import load_examples
 from ftcli.data.tokenize import Encoder
 from ftcli.errors import UserError
-from ftcli.evaluate import exact_match, generate, normalize, numeric_match, rouge_l
+from ftcli.evaluate import choice_scores, exact_match, generate, normalize, numeric_match, rouge_l
 from ftcli.models import load_model
 
 from conftest import addition_rows, make_recipe, write_jsonl
@@ -30,8 +30,9 @@ def sentiment_rows(n: int) -> list[dict]:
 
 
 def mc_rows(n: int) -> list[dict]:
-    return [{"question": f"what is {i} + {i}?", "choices": [str(2 * i + d) for d in (1, 0, 3, -1)], "answer": 1}
-            for i in range(n)]
+    # options share leading tokens ("1", "10", "100"...): scoring must not merge what differs after them
+    return [{"question": f"what is {i} + {i}?", "choices": [str(2 * i + d) for d in (1, 0, 3, -1)] + [str(2 * i) + "0"],
+             "answer": 1} for i in range(n)]
 
 
 @torch.no_grad()
@@ -67,12 +68,14 @@ def test_accuracy_and_choice_pick_the_most_likely_candidate(fmt, tiny_model, tin
     got = scoring.score(tiny_model, tiny_tokenizer, es, batch_size=3)
     examples = load_examples(str(path), fmt, fields)
     encoder = Encoder(tiny_tokenizer, None, 4096, "truncate", fmt)
+    tree_scores = choice_scores(tiny_model, encoder, examples, batch_size=4)  # shared-prefix rows, batched
     hits = 0
-    for ex in examples:
+    for ex, got_scores in zip(examples, tree_scores):
         scores = []
         for c in ex.choices:
             variant = type(ex)(messages=ex.prompt + [{"role": "assistant", "content": c}])
             scores.append(reference_logprob(tiny_model, encoder.encode(variant)))
+        assert got_scores == pytest.approx(scores, rel=1e-4, abs=1e-4)
         hits += max(range(len(scores)), key=scores.__getitem__) == ex.gold
     assert got[metric] == pytest.approx(hits / len(examples))
     assert 0 < hits < len(examples) or fmt == "choice"  # a random model is neither always right nor always wrong
