@@ -267,12 +267,13 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                 batches = [to_device(collate([data.train.encoded[i] for i in mb], pad_id, d.packing, pack_len), device)
                            for mb in micro]
                 n_trained = sum(b.n_trained for b in batches)
-                step_nll = 0.0
+                step_loss = torch.zeros((), device=device)
                 for b in batches:
                     with autocast():
                         loss = nll_sum(model, b) / n_trained
                     accelerator.backward(loss)
-                    step_nll += float(loss.detach())
+                    step_loss += loss.detach()
+                step_nll = float(step_loss)  # the step's one host sync (the NaN guard needs the value)
                 extra = strategy.extra_loss(model, batches)
                 penalty = None
                 if extra is not None:

@@ -131,3 +131,23 @@ def test_values_are_read_verbatim(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(UserError, match="bad.jsonl line 2"):
         read_rows(str(tmp_path / "bad.jsonl"))
+
+
+def test_encoding_cache_returns_the_same_rows_and_stats(tiny_tokenizer, tmp_path, monkeypatch):
+    from ftcli.data import tokenize
+    from ftcli.data.formats import Example
+
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tokenize, "CACHE_MIN_ROWS", 2)
+    examples = [Example(messages=[{"role": "user", "content": f"q{i} " * (i % 7 + 1)},
+                                  {"role": "assistant", "content": f"a{i}"}]) for i in range(30)]
+    enc = tokenize.Encoder(tiny_tokenizer, None, 12, "drop", "chat")
+    first, stats1 = enc.encode_all(examples)
+    assert list((tmp_path / "cache" / "tokenized").glob("*.json"))  # written
+    second, stats2 = enc.encode_all(examples)
+    fresh, stats3 = enc._encode_all(examples)
+    assert second == first == fresh and stats2.__dict__ == stats1.__dict__ == stats3.__dict__
+    assert stats1.dropped_overlong > 0  # the drops are remembered too, not just the kept rows
+    # another length policy is another key, not a stale hit
+    other, _ = tokenize.Encoder(tiny_tokenizer, None, 64, "drop", "chat").encode_all(examples)
+    assert sum(r is None for r in other) < sum(r is None for r in first)

@@ -20,6 +20,8 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"chatml": CHATML}
+CACHE_MIN_ROWS = 256  # smaller sets encode faster than a cache file is read
+CACHE_VERSION = "1"  # bump when the encoding rules change
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # how a trained span is shown in text (check, report)
 
 
@@ -136,8 +138,48 @@ class Encoder:
         return self._one_bos(ids)
 
     # -- encoding ---------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """What the encoding depends on besides the examples: tokenizer, template, length policy, format."""
+        import hashlib
+
+        tok = self.tokenizer
+        backend = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok.get_vocab())
+        parts = [backend, str(self.template), str(self.max_len), self.overlong, self.format, str(self.bos_id),
+                 str(self.eos_id), str(self.eot), CACHE_VERSION]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
     def encode_all(self, examples: list[Example]) -> tuple[list[Encoded | None], EncodeStats]:
-        """Encode many examples (tokenised in one batch); None where a row is dropped, counted in the stats."""
+        """Encode many examples; None where a row is dropped, counted in the stats. Large sets are cached on disk
+        (under the cache root's tokenized/, keyed by the examples and `fingerprint`), so a rerun skips this."""
+        if len(examples) < CACHE_MIN_ROWS:
+            return self._encode_all(examples)
+        import hashlib
+        import json
+
+        from ftcli import atomic
+        from ftcli.models import cache_root
+
+        h = hashlib.sha256(self.fingerprint().encode())
+        for ex in examples:
+            h.update(json.dumps([ex.messages, ex.text], sort_keys=True).encode())
+        path = cache_root() / "tokenized" / f"{h.hexdigest()}.json"
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text())
+                rows = [None if r is None else Encoded(r[0], [bool(b) for b in r[1]], bool(r[2])) for r in doc["rows"]]
+                return rows, EncodeStats(**doc["stats"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                pass  # a damaged cache file is rebuilt
+        rows, stats = self._encode_all(examples)
+        doc = {"rows": [None if r is None else [r.input_ids, [int(b) for b in r.trained], r.truncated] for r in rows],
+               "stats": stats.__dict__}
+        try:
+            atomic.write_text(path, json.dumps(doc, separators=(",", ":")))
+        except OSError:
+            pass  # a read-only cache is not an error
+        return rows, stats
+
+    def _encode_all(self, examples: list[Example]) -> tuple[list[Encoded | None], EncodeStats]:
         stats = EncodeStats(rows=len(examples))
         if self.format == "completion":
             texts = [ex.text for ex in examples]
