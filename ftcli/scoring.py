@@ -75,15 +75,21 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
         if base:
             raise UserError("--base applies to an adapter; a run folder names its own base model")
         model, tok = models.load_run(path, allow_pickle=allow_pickle, log=log)
-        return Target(model, tok, _run_template(path), "run")
+        return Target(_merged(model), tok, _run_template(path), "run")
     if (adapter / "adapter_config.json").is_file():
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
-        return Target(model, tok, None, "adapter")
+        return Target(_merged(model), tok, None, "adapter")
     if base:
         raise UserError(f"--base applies to an adapter; {spec} is not one (no adapter_config.json)")
     model, tok = models.load_base(spec, allow_pickle=allow_pickle, log=log)
     return Target(model, tok, None, "base")
+
+
+def _merged(model):
+    """For scoring only: fold a PEFT adapter into its base weights (same function up to float rounding; the
+    separate low-rank matmuls of every adapted layer cost as much time again on a CPU)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def _run_template(run_dir: Path) -> str | None:

@@ -1,0 +1,100 @@
+"""Strategies on the real model: task accuracy against forgetting, one table.
+
+Trains the built-in SmolLM2-135M-Instruct with several strategies for the same steps on SST-2 sentiment (train
+split, formatted as instructions), then reads each run's report: SST-2 validation accuracy before/after, and the
+retention sets scored before/after: loss on Alpaca test responses and accuracy on a fixed seeded sample of MMLU
+test. The data comes from the workspace's ../shared/data (never copied into the project); recipes are written to
+the output folder.
+
+    python scripts/evidence_strategies.py --steps 40 --out runs/evidence     # then see runs/evidence/strategies.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+
+STRATEGIES = {
+    "full": {"name": "full"},
+    "hft": {"name": "hft"},
+    "ewc": {"name": "ewc", "inner": {"name": "full"}},
+    "lora": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+}
+LR = {"full": 1e-5, "hft": 1e-5, "ewc": 1e-5, "lora": 5e-4}
+
+
+def recipe(name: str, args) -> dict:
+    return {
+        "base_model": "smollm2-135m-instruct",
+        "strategy": STRATEGIES[name],
+        "data": {"train": str(SHARED / "sst2" / "train.jsonl"), "validation": str(SHARED / "sst2" / "validation.jsonl"),
+                 "format": "classification", "fields": {"label": "label_text"}, "limit": args.steps * args.batch,
+                 "max_len": 256},
+        "training": {"max_steps": args.steps, "batch_size": args.batch, "lr": LR[name], "warmup": 0.1, "seed": 0,
+                     "precision": args.precision},
+        "eval": {"metrics": ["loss", "accuracy"], "limit": args.val_limit, "retention": [
+            {"name": "alpaca test (loss)", "data": str(SHARED / "alpaca" / "test.jsonl"), "format": "alpaca",
+             "metric": "loss", "limit": args.retention_limit},
+            {"name": "mmlu test (choice)", "data": str(SHARED / "mmlu" / "test.jsonl"), "format": "choice",
+             "metric": "choice", "limit": args.retention_limit, "sample": 0},
+        ]},
+        "output": str(Path(args.out) / name),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--val-limit", type=int, default=200, help="SST-2 validation rows scored for accuracy")
+    ap.add_argument("--retention-limit", type=int, default=100)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--out", default="runs/evidence")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.strategies.split(","):
+        path = out / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe(name, args), sort_keys=False))
+        print(f"training {name} ...", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "ftcli", "train", str(path), "--overwrite"], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-3000:])
+            raise SystemExit(f"{name} failed")
+        rep = json.loads((out / name / "report.json").read_text())
+        ret = {r["name"]: r for r in rep["retention"]}
+        rows.append((name, rep, ret, time.perf_counter() - t0))
+        print(f"  done in {rows[-1][3]:.0f} s", flush=True)
+    head = ["| strategy | trainable params | SST-2 val accuracy (before → after) | Alpaca test loss (before → after) "
+            "| MMLU sample accuracy (before → after) | wall s |", "| --- | ---: | --- | --- | --- | ---: |"]
+    lines = list(head)
+    for name, rep, ret, wall in rows:
+        b, a = rep["before"], rep["after"]
+        al, mm = ret["alpaca test (loss)"], ret["mmlu test (choice)"]
+        lines.append(f"| {name} | {rep['parameters']['trainable']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
+                     f"{al['before']:.4f} → {al['after']:.4f} ({al['change']:+.4f}) | "
+                     f"{mm['before']:.3f} → {mm['after']:.3f} ({mm['change']:+.3f}) | {wall:.0f} |")
+    cmd = "python scripts/evidence_strategies.py " + " ".join(sys.argv[1:])
+    text = (f"Command: `{cmd.strip()}`\n\n{args.steps} steps × batch {args.batch} SST-2 training rows; accuracy on the "
+            f"first {args.val_limit} SST-2 validation rows; retention: {args.retention_limit} Alpaca test rows (loss on "
+            f"responses) and a seeded sample of {args.retention_limit} MMLU test rows (choice by log-likelihood).\n\n"
+            + "\n".join(lines) + "\n")
+    (out / "strategies.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
