@@ -85,6 +85,12 @@ def _print_plan(console, r, p) -> None:
     console.print(table)
     console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
                   f" · strategy {r.strategy.name} · {p.steps} optimiser steps")
+    mem = Table(title="training memory, estimated (MB)", title_justify="left")
+    mem.add_column("part")
+    mem.add_column("MB", justify="right")
+    for part, mb in p.memory.items():
+        mem.add_row(part, f"{mb:,.0f}")
+    console.print(mem)
     for line in p.notes:
         console.print(f"[yellow]note:[/] {line}")
     console.rule("one training example (trained span highlighted and between ⟦ ⟧)")

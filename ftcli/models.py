@@ -148,6 +148,7 @@ def load_model(
     allow_pickle: bool = False,
     quantization: str | None = None,
     compute_dtype: str = "float32",
+    double_quant: bool = True,
     meta: bool = False,
     log=print,
 ):
@@ -170,7 +171,7 @@ def load_model(
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if quantization:
-        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype)
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, double_quant)
         kwargs["device_map"] = {"": _quantized_device()}
     with _hub_errors(spec):
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -260,8 +261,9 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_run(run_dir: Path, *, allow_pickle: bool = False, log=print):
-    """(model, tokenizer) of a finished run: its base plus adapter, or its trained model folder."""
+def load_run(run_dir: Path, *, allow_pickle: bool = False, dequantized: bool = False, log=print):
+    """(model, tokenizer) of a finished run: its base plus adapter, or its trained model folder. A qlora run's
+    base is quantised as in training, unless `dequantized` (export folds adapters into full-precision weights)."""
     import yaml
 
     run_dir = Path(run_dir)
@@ -274,17 +276,23 @@ def load_run(run_dir: Path, *, allow_pickle: bool = False, log=print):
     recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (
         run_dir / "recipe.resolved.yaml").is_file() else {}
     base = recipe.get("base_model") or adapter_base(adapter)
-    return load_adapter(adapter, base, allow_pickle=allow_pickle, log=log)
+    strategy = recipe.get("strategy") or {}
+    quant = {}
+    if strategy.get("name") == "qlora" and not dequantized:  # the model as trained: the same 4-bit base
+        quant = {"quantization": strategy.get("quant_type", "nf4"),
+                 "compute_dtype": strategy.get("compute_dtype", "float32"),
+                 "double_quant": strategy.get("double_quant", True)}
+    return load_adapter(adapter, base, allow_pickle=allow_pickle, log=log, **quant)
 
 
-def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print):
+def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
     """(model, tokenizer): a base model with a PEFT adapter folder applied (not merged)."""
     from peft import PeftModel
 
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
-    model = load_model(base, allow_pickle=allow_pickle, log=log)
+    model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer

@@ -19,6 +19,42 @@ class Plan:
     steps: int
     example: list[tuple[str, bool]]
     notes: list[str] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
+
+
+# Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
+# built-in SmolLM2-135M with LoRA on all linear layers: 2.05 GB for 1,152 tokens × 30 blocks × 576 → ≈ 104.
+ACTIVATION_BYTES = 104
+QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per block of 64 (double quant: less)
+
+
+def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, float]:
+    """Training memory by part, in MB: weights, gradients, AdamW state, activations (batch × max_len tokens,
+    every row full: an upper bound), and EWC's Fisher and anchor copies."""
+    import torch
+
+    cfg = model.config
+    layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
+    s = recipe.strategy
+    if s.name == "qlora":
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+        weights = linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - linear) * 4 + trainable * 4
+    else:
+        weights = total * 4
+    tokens = recipe.training.batch_size * recipe.data.max_len
+    if recipe.training.gradient_checkpointing:
+        activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
+    else:
+        activations = tokens * layers * hidden * ACTIVATION_BYTES
+    out = {"weights": weights, "gradients": trainable * 4, "optimizer (AdamW)": trainable * 8,
+           "activations (upper bound)": activations}
+    if s.name == "ewc":
+        anchored = total if s.inner.name != "lora" else total - trainable
+        out["EWC Fisher + anchor"] = anchored * 4 * (2 if s.inner.name != "lora" else 1)
+    out = {k: v / 2**20 for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
 
 
 def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
@@ -29,6 +65,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli.train import total_steps
 
     strategy = strategies.get(recipe.strategy)
+    strategies.refuse_unsupported(recipe)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     bundle = data_mod.build(recipe, tokenizer)
@@ -48,4 +85,5 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     steps, _ = total_steps(recipe, len(bundle.train))
-    return Plan(splits, trainable, total, steps, show_mask(tokenizer, bundle.train.encoded[0]), notes)
+    memory = memory_estimate(recipe, model, trainable, total)
+    return Plan(splits, trainable, total, steps, show_mask(tokenizer, bundle.train.encoded[0]), notes, memory)

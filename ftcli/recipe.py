@@ -140,7 +140,7 @@ class Recipe(_Section):
         return self
 
     def to_yaml(self, extra: dict | None = None) -> str:
-        doc = self.model_dump(mode="json", exclude={"source"})
+        doc = self.model_dump(mode="json", exclude={"source"}, by_alias=True)
         if extra:
             doc.update(extra)
         return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
@@ -276,7 +276,10 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind == "union_tag_invalid":
-        return f"unknown strategy '{err['ctx']['tag']}'; choose one of: {', '.join(REGISTRY)}"
+        tag, expected = err["ctx"]["tag"], err["ctx"].get("expected_tags", "")
+        if tag in REGISTRY:  # a real strategy where only some are allowed (ewc's inner)
+            return f"'{tag}' cannot be used here; allowed: {expected}"
+        return f"unknown strategy '{tag}'; choose one of: {', '.join(REGISTRY)}"
     if kind == "union_tag_not_found":
         return f"needs a 'name:' (one of: {', '.join(REGISTRY)})"
     if kind == "literal_error":

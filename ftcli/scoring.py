@@ -89,7 +89,8 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
 def _merged(model):
     """For scoring only: fold a PEFT adapter into its base weights (same function up to float rounding; the
     separate low-rank matmuls of every adapted layer cost as much time again on a CPU)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    quantized = any(hasattr(p, "quant_state") for p in model.parameters())  # folding into 4-bit would re-round
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") and not quantized else model
 
 
 def _run_template(run_dir: Path) -> str | None:

@@ -59,12 +59,14 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     from ftcli import models, strategies
 
     strategy = strategies.get(recipe.strategy)
+    strategies.refuse_unsupported(recipe)  # before any weight is loaded
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     bundle = data_mod.build(recipe, tokenizer)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                               allow_pickle=allow_pickle, quantization=strategy.quantization,
-                              compute_dtype=getattr(recipe.strategy, "compute_dtype", "float32"), log=log)
+                              compute_dtype=getattr(recipe.strategy, "compute_dtype", "float32"),
+                              double_quant=getattr(recipe.strategy, "double_quant", True), log=log)
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log)
     model = strategy.prepare(model, ctx)
     if recipe.training.gradient_checkpointing:

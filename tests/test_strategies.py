@@ -16,13 +16,40 @@ from ftcli.loss import nll_sum
 
 from conftest import make_recipe
 
+from ftcli.strategies.frozen import block_index
+from ftcli.strategies.hft import module_of, select
+
+_HFT_ROUND0 = select(2, 0, 0)  # the tiny model has 2 blocks; training.seed 0; one round covers the 3 steps
+
+
+def hft_trains(n: str) -> bool:
+    if "embed_tokens" in n or "lm_head" in n:
+        return False  # embeddings: freeze (the default policy)
+    b = block_index(n)
+    return b is None or module_of(n) not in _HFT_ROUND0[b]
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 # name → (strategy settings, predicate on a base parameter name: is it trained?, artifact folder)
 STRATEGIES = {
     "full": ({"name": "full"}, lambda n: True, "model"),
     "frozen": ({"name": "frozen", "last_n_blocks": 1, "modules": ["model.norm.*"]},
                lambda n: n.startswith("model.layers.1.") or n.startswith("model.norm."), "model"),
-    "lora": ({"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, lambda n: False, "adapter"),
+    "lora": ({"name": "lora", **LORA}, lambda n: False, "adapter"),
+    "dora": ({"name": "dora", **LORA}, lambda n: False, "adapter"),
+    "qlora": ({"name": "qlora", **LORA}, lambda n: False, "adapter"),
+    "hft": ({"name": "hft", "round_steps": 100}, hft_trains, "model"),
+    "ewc-full": ({"name": "ewc", "inner": {"name": "full"}, "fisher_rows": 4}, lambda n: True, "model"),
+    "ewc-lora": ({"name": "ewc", "inner": {"name": "lora", **LORA}, "fisher_rows": 4}, lambda n: False, "adapter"),
 }
+
+
+def start_weights(name, tiny_model_dir) -> dict:
+    """The base weights as the strategy received them (qlora: the 4-bit codes of a fresh quantised load)."""
+    if name == "qlora":
+        return {n: p.detach().clone() for n, p in models.load_model(str(tiny_model_dir), quantization="nf4")
+                .named_parameters()}
+    return load_file(str(tiny_model_dir / "model.safetensors"))
 
 
 def base_name(name: str) -> str:
@@ -55,7 +82,8 @@ def test_trainable_set_is_as_documented(name, tiny_model_dir):
     r = recipe_mod.validate({"base_model": str(tiny_model_dir), "strategy": settings, "data": {"train": "x.jsonl"}})
     from ftcli import strategies
 
-    model = strategies.get(r.strategy).prepare(models.load_model(str(tiny_model_dir)), strategies.Context(recipe=r))
+    model = strategies.get(r.strategy).prepare(models.load_model(str(tiny_model_dir)),
+                                               strategies.Context(recipe=r, dry_run=True))
     for n, p in model.named_parameters():
         if "lora_" in n:
             assert p.requires_grad, n
@@ -67,7 +95,7 @@ def test_trainable_set_is_as_documented(name, tiny_model_dir):
 def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, tiny_model_dir, tiny_tokenizer):
     _, trains, _ = STRATEGIES[name]
     run_dir, model, _ = trained[name]
-    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    start = start_weights(name, tiny_model_dir)
     changed = 0
     for n, p in model.named_parameters():
         key = base_name(n)
@@ -77,7 +105,7 @@ def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, ti
             changed += not torch.equal(p.detach(), start[key])
         else:
             assert torch.equal(p.detach(), start[key]), f"{name}: frozen {key} changed"
-    if name != "lora":
+    if STRATEGIES[name][2] == "model":
         assert changed > 0
     # a backward pass leaves frozen parameters without any gradient
     from ftcli.data.formats import Example

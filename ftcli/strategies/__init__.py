@@ -6,15 +6,22 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from ftcli.errors import UserError
 from ftcli.strategies.base import Context, Strategy
+from ftcli.strategies.ewc import Ewc, EwcParams
 from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
-from ftcli.strategies.lora import Lora, LoraParams
+from ftcli.strategies.hft import Hft, HftParams
+from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams, qlora_support
 
 REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "full": (FullParams, Full),
     "frozen": (FrozenParams, Frozen),
     "lora": (LoraParams, Lora),
+    "dora": (DoraParams, Dora),
+    "qlora": (QloraParams, Qlora),
+    "hft": (HftParams, Hft),
+    "ewc": (EwcParams, Ewc),
 }
 
 # The union a recipe's `strategy:` validates against, discriminated on `name`.
@@ -26,4 +33,12 @@ def get(params) -> Strategy:
     return REGISTRY[params.name][1](params)
 
 
-__all__ = ["REGISTRY", "StrategyParams", "Strategy", "Context", "get"]
+def refuse_unsupported(recipe) -> None:
+    """Combinations that cannot run here are refused before any weight is loaded, saying what is needed."""
+    if recipe.strategy.name == "qlora":
+        problem = qlora_support()
+        if problem:
+            raise UserError(f"strategy qlora: {problem}")
+
+
+__all__ = ["REGISTRY", "StrategyParams", "Strategy", "Context", "get", "refuse_unsupported"]

@@ -1,4 +1,9 @@
-"""`lora` (and later `dora`, `qlora`): low-rank adapters beside chosen linear layers, through PEFT."""
+"""`lora`, `dora` and `qlora`: low-rank adapters beside chosen linear layers, through PEFT.
+
+dora adds a trained magnitude vector per adapted layer (PEFT `use_dora`, Liu et al. 2024). qlora quantises the
+frozen base to 4-bit NF4 with bitsandbytes (double quantisation of the scales by default) and trains LoRA over it,
+after PEFT's `prepare_model_for_kbit_training` (norms and other small weights in fp32, input gradients enabled).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,21 @@ class LoraParams(Params):
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
     )
     rslora: bool = Field(False, description="scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)")
+
+
+class DoraParams(LoraParams):
+    """LoRA plus a trained magnitude vector per adapted layer (weight-decomposed LoRA)."""
+
+    name: Literal["dora"] = "dora"
+
+
+class QloraParams(LoraParams):
+    """LoRA over a base quantised to 4 bits with bitsandbytes."""
+
+    name: Literal["qlora"] = "qlora"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantise the quantisation scales too (saves ~0.4 bit/weight)")
+    compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the de-quantised matmuls")
 
 
 class Lora(Strategy):
@@ -58,3 +78,75 @@ class Lora(Strategy):
         # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
         # model up on the hub to compare vocabularies (a warning offline)
         model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+
+
+class Dora(Lora):
+    name = "dora"
+    use_dora = True
+
+
+class Qlora(Lora):
+    name = "qlora"
+
+    def __init__(self, params: QloraParams):
+        super().__init__(params)
+        self.quantization = params.quant_type  # models.load_model quantises the base with this
+
+    def prepare(self, model, ctx: Context):
+        if not ctx.dry_run:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=ctx.recipe.training.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        return super().prepare(model, ctx)
+
+    def describe(self, model) -> dict:
+        stored, fp32 = quantized_bytes(model)
+        return {"quantization": self.params.quant_type, "double_quant": self.params.double_quant,
+                "compute_dtype": self.params.compute_dtype, "base_weight_bytes": stored,
+                "base_weight_bytes_fp32": fp32, "ratio": round(stored / max(fp32, 1), 4)}
+
+
+def quantized_bytes(model) -> tuple[int, int]:
+    """(bytes the base weights take as stored, bytes they would take in fp32); quantisation state included."""
+    import math
+
+    stored = fp32 = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            fp32 += math.prod(qs.shape) * 4
+            stored += p.numel() * p.element_size() + _state_bytes(qs)
+        else:
+            fp32 += p.numel() * 4
+            stored += p.numel() * p.element_size()
+    return stored, fp32
+
+
+def _state_bytes(qs) -> int:
+    total = qs.absmax.numel() * qs.absmax.element_size() if qs.absmax is not None else 0
+    if getattr(qs, "state2", None) is not None:
+        total += _state_bytes(qs.state2)
+    return total
+
+
+def qlora_support() -> str | None:
+    """None when bitsandbytes can quantise here; otherwise what is needed (checked before any weight loads)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        return f"qlora needs the bitsandbytes package ({e}); pip install bitsandbytes"
+    from importlib.metadata import version
+
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    major, minor = (int(x) for x in version("bitsandbytes").split(".")[:2])
+    if (major, minor) < (0, 48):
+        return (f"qlora on a CPU needs bitsandbytes >= 0.48 (its CPU backend for 4-bit); this is "
+                f"{version('bitsandbytes')}. Upgrade it, or use a CUDA GPU, or strategy lora")
+    return None
