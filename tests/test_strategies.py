@@ -135,3 +135,27 @@ def test_saved_artifact_reloads_to_the_same_logits(name, trained):
         a = model(input_ids=ids).logits
         b = reloaded(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_dora_magnitudes_get_gradient_and_change(trained, tiny_model_dir):
+    _, model, _ = trained["dora"]
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    mags = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+    assert mags and all(p.requires_grad for p in mags.values())
+    for n, p in mags.items():
+        # DoRA starts each magnitude at the row norms of its base weight; training moved them
+        w = base[base_name(n.split(".lora_magnitude_vector")[0]) + ".weight"]
+        assert not torch.allclose(p.detach(), w.norm(dim=1), atol=1e-6), n
+
+
+def test_qlora_base_is_4bit_and_the_report_says_how_small(trained):
+    run_dir, model, _ = trained["qlora"]
+    import json
+
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    details = json.loads((run_dir / "report.json").read_text())["strategy_details"]
+    assert details["quantization"] == "nf4" and details["base_weight_bytes"] < details["base_weight_bytes_fp32"]
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert losses[-1] < losses[0]
