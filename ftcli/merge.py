@@ -198,8 +198,65 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
 
 
 def lowrank_svd(B, A, rank: int):
-    """The best rank-`rank` factorisation of B @ A (B d×n, A n×k) without forming it: QR of B and of Aᵀ, SVD of
-    the small n×n core, mapped back. Returns (B_out d×r, A_out r×k, relative Frobenius truncation error)."""
+    """The best rank-`rank` factorisation of B @ A (B d×n, A n×k) without forming it.
+    Returns (B_out d×r, A_out r×k, relative Frobenius truncation error)."""
+    B_out, A_out, errors = lowrank_svd_batched(B[None], A[None], rank)
+    return B_out[0], A_out[0], errors[0]
+
+
+def lowrank_svd_batched(B, A, rank: int):
+    """lowrank_svd over a batch of same-shaped modules (B b×d×n, A b×n×k): (B_out, A_out, [errors]).
+
+    Never forms the d×k matrix. With A Aᵀ = L Lᵀ (Cholesky; R_A = Lᵀ, Q_A = Aᵀ L⁻ᵀ orthonormal) and
+    B A = B L (Q_A)ᵀ, the SVD of B A comes from the eigendecomposition V Λ Vᵀ of the small n×n matrix
+    Lᵀ (BᵀB) L: singular values √Λ, left vectors B L V Λ^-½, right vectors Q_A V. So
+        B_out = B L V_r Λ_r^-¼,   A_out = Λ_r^¼ V_rᵀ L⁻¹ A
+    (each factor gets √S_r). Everything tall is a matrix product (two Gram matrices, two output products);
+    the O(n³) work is one Cholesky, one eigh and one triangular solve per module, batched over modules of
+    the same shape. Whatever the accuracy of V, B_out A_out = B L V_r V_rᵀ L⁻¹ A, so at full rank it is B A
+    up to rounding. Directions with a negligible singular value keep the same product unbalanced instead of
+    dividing by ~0. A batch item whose A Aᵀ is singular or badly conditioned (e.g. an adapter stacked with its
+    own negative) takes the Householder QR route in float64 instead: QR of B and of Aᵀ, SVD of the core.
+    """
+    import torch
+
+    work = B.dtype
+    eps = torch.finfo(work).eps
+    n_in = B.shape[-1]
+    n = min(rank, n_in, B.shape[-2], A.shape[-1])
+    L, info = torch.linalg.cholesky_ex(A @ A.mT)
+    ok = (info == 0) & (_diag_ratio(L) > (1e-3 if work != torch.float64 else 1e-6))
+    B_out = B.new_zeros(B.shape[0], B.shape[1], n)
+    A_out = A.new_zeros(A.shape[0], n, A.shape[2])
+    errors = [0.0] * B.shape[0]
+    good = ok.nonzero().flatten().tolist()
+    if good:
+        L, Bg, Ag = L[good], B[good], A[good]
+        M = L.mT @ (Bg.mT @ Bg) @ L
+        ev, V = torch.linalg.eigh((M + M.mT) / 2)
+        ev, V = ev.flip(-1).clamp(min=0), V.flip(-1)
+        S = ev.sqrt()
+        Sr, Vr = S[:, :n], V[:, :, :n]
+        tiny = Sr <= Sr[:, :1] * eps * n_in * 10
+        D = torch.where(tiny, torch.ones_like(Sr), Sr.clamp(min=torch.finfo(work).tiny).rsqrt())  # Λ^-¼
+        B_out[good] = Bg @ ((L @ Vr) * D[:, None, :])
+        A_out[good] = torch.linalg.solve_triangular(L.mT, Vr / D[:, None, :], upper=True).mT @ Ag
+        for j, i in enumerate(good):
+            errors[i] = _tail_error(S[j].double(), n)
+    for i in (~ok).nonzero().flatten().tolist():
+        b, a, errors[i] = _qr_svd(B[i].double(), A[i].double(), n)
+        r = b.shape[1]
+        B_out[i, :, :r], A_out[i, :r] = b.to(work), a.to(work)
+    return B_out, A_out, errors
+
+
+def _diag_ratio(L):
+    d = L.diagonal(dim1=-2, dim2=-1).abs()
+    return d.min(-1).values / d.max(-1).values.clamp(min=1e-300)
+
+
+def _qr_svd(B, A, rank: int):
+    """The Householder QR form of lowrank_svd: robust to rank-deficient factors."""
     import torch
 
     Qb, Rb = torch.linalg.qr(B)  # d×m, m×n
@@ -207,9 +264,7 @@ def lowrank_svd(B, A, rank: int):
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
     r = min(rank, S.numel())
     root = S[:r].sqrt()
-    B_out = (Qb @ U[:, :r]) * root
-    A_out = root[:, None] * (Vh[:r] @ Qa.T)
-    return B_out, A_out, _tail_error(S, r)
+    return (Qb @ U[:, :r]) * root, root[:, None] * (Vh[:r] @ Qa.T), _tail_error(S, r)
 
 
 def dense_svd(delta, rank: int):
@@ -331,59 +386,95 @@ def merge_adapters(inputs: list, method: str, weights: Optional[list[float]] = N
                    density: Optional[float] = None, seed: int = 0, out=None, dry_run: bool = False,
                    overwrite: bool = False) -> MergeResult:
     """Combine LoRA adapters (folders or adapter_model.safetensors files) into a new PEFT adapter folder `out`."""
-    import torch
-
     _check_arguments(inputs, method, weights, rank, density, out, dry_run, overwrite)
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     adapters = [read_adapter(p) for p in inputs]
+    result, tensors = merge_loaded(adapters, method, weights, rank, density, seed, dry_run=dry_run)
+    if not dry_run:
+        result.out = Path(out)
+        modules = [m.name for m in result.modules]
+        _write(Path(out), adapters, tensors, _output_config(adapters, modules, result.rank), result)
+    return result
+
+
+def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], rank: Optional[int] = None,
+                 density: Optional[float] = None, seed: int = 0, dry_run: bool = False) -> tuple[MergeResult, dict]:
+    """The arithmetic of merge_adapters on adapters already read: (result, {tensor name: tensor}) in PEFT's
+    naming, every module padded to the output rank, in the inputs' dtype."""
+    import torch
+
     modules = check_compatible(adapters)
     max_in = max(A.shape[0] for a in adapters for A, _, _ in a.factors.values())
     if rank is None and method in ("svd", *DENSE_METHODS):
         rank = max_in
+    lowrank = method == "svd" or (method == "linear" and rank is not None)
     result = MergeResult(method=method, inputs=[str(a.path) for a in adapters], weights=weights, rank=0,
-                         density=density, seed=seed, out=None if dry_run else Path(out), dry_run=dry_run)
+                         density=density, seed=seed, dry_run=dry_run)
 
-    tensors: dict[str, tuple] = {}
+    merged: dict[str, tuple] = {}  # module → (A, B, error)
+    stacked: dict[str, tuple] = {}  # module → (B', A') for the low-rank SVD, run in batches of equal shapes
     for module in modules:
         A0, B0, kind = adapters[0].factors[module]
         shape = (B0.shape[0], A0.shape[1])
         in_ranks = [a.factors[module][0].shape[0] for a in adapters]
         full = min(sum(in_ranks), *shape)
-        need = sum(in_ranks) if (method == "cat" or (method == "linear" and rank is None)) else min(rank, full)
-        if method in DENSE_METHODS:
-            need = min(rank, *shape)
         if dry_run:
-            exact = method == "cat" or (method in ("linear", "svd") and need >= full)
+            need = min(rank, *shape) if method in DENSE_METHODS else min(rank, full) if lowrank else sum(in_ranks)
+            exact = not (method in DENSE_METHODS or (lowrank and need < full))
             result.modules.append(ModuleResult(module, shape, in_ranks, need, 0.0 if exact else None))
             continue
-        factors = [(a.factors[module][0].to(torch.float64), a.factors[module][1].to(torch.float64))
-                   for a in adapters]
+        factors = [a.factors[module][:2] for a in adapters]
         scales = [a.scale(module) for a in adapters]
-        B, A, err = combine(method, factors, scales, weights, rank=rank, density=density, seed=seed, module=module)
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise UserError(f"module {module}: the merged factors contain NaN/inf (weights {weights})")
-        tensors[module] = (A, B, kind)
-        result.modules.append(ModuleResult(module, shape, in_ranks, A.shape[0], err))
-    result.rank = max(m.rank for m in result.modules)
+        if lowrank:  # float32 working precision here (float64 inputs stay float64): see lowrank_svd_batched
+            work = torch.float64 if any(a.factors[module][0].dtype == torch.float64 for a in adapters) else \
+                torch.float32
+            Bs = torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1)
+            if not bool(torch.isfinite(Bs).all()):  # huge weights: work in float64
+                work = torch.float64
+                Bs = torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1)
+            stacked[module] = (Bs, torch.cat([A.to(work) for A, _ in factors], dim=0))
+        else:
+            factors = [(A.to(torch.float64), B.to(torch.float64)) for A, B in factors]
+            B, A, err = combine(method, factors, scales, weights, rank=rank, density=density, seed=seed,
+                                module=module)
+            merged[module] = (A, B, err)
+    groups: dict[tuple, list[str]] = {}
+    for module, (B, A) in stacked.items():
+        groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(module)
+    for names in groups.values():
+        B_out, A_out, errors = lowrank_svd_batched(torch.stack([stacked[m][0] for m in names]),
+                                                   torch.stack([stacked[m][1] for m in names]), rank)
+        for i, m in enumerate(names):
+            merged[m] = (A_out[i], B_out[i], errors[i])
     if dry_run:
-        return result
+        result.rank = max(m.rank for m in result.modules)
+        return result, {}
 
-    dtype = adapters[0].dtype if all(a.dtype == adapters[0].dtype for a in adapters) and adapters[0].dtype else \
-        torch.float32
-    out_tensors = {}
-    for module, (A, B, kind) in tensors.items():
+    for module in modules:
+        A, B, err = merged[module]
+        A0, B0, _ = adapters[0].factors[module]
+        result.modules.append(ModuleResult(module, (B0.shape[0], A0.shape[1]),
+                                           [a.factors[module][0].shape[0] for a in adapters], A.shape[0], err))
+    result.rank = max(m.rank for m in result.modules)
+    dtypes = {a.dtype for a in adapters}
+    dtype = dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
+    tensors = {}
+    for module in modules:
+        A, B, _ = merged[module]
+        kind = adapters[0].factors[module][2]
         pad = result.rank - A.shape[0]  # modules that need a lower rank get zero rows/columns: no effect
         if pad:
             A = torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0)
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
         a_suffix, b_suffix = _KINDS[kind]
+        cast = A.dtype != dtype
         A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-            raise UserError(f"module {module}: the merged factors overflow {dtype}")
-        out_tensors[module + a_suffix] = A
-        out_tensors[module + b_suffix] = B
-    _write(Path(out), adapters, out_tensors, _output_config(adapters, modules, result.rank), result)
-    return result
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):  # every output tensor
+            raise UserError(f"module {module}: the merged factors contain NaN/inf"
+                            + (f" (they overflow {dtype})" if cast else "") + f" (weights {weights})")
+        tensors[module + a_suffix] = A
+        tensors[module + b_suffix] = B
+    return result, tensors
 
 
 def _check_arguments(inputs, method, weights, rank, density, out, dry_run, overwrite) -> None:

@@ -114,6 +114,28 @@ def test_svd_below_full_rank_is_the_best_rank_r_approximation(adapters, tmp_path
     assert res.rank == 3 and res.max_error > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_low_rank_svd_handles_degenerate_modules(dtype):
+    """A batch mixing a well-conditioned module, a rank-deficient one (an adapter stacked with a multiple of itself) and one with
+    B = 0: the fast path and the QR route both give the dense best rank-r approximation."""
+    g = torch.Generator().manual_seed(0)
+    B1, A1 = torch.randn(40, 6, generator=g, dtype=dtype), torch.randn(6, 24, generator=g, dtype=dtype)
+    B2, A2 = torch.randn(40, 3, generator=g, dtype=dtype), torch.randn(3, 24, generator=g, dtype=dtype)
+    B = torch.stack([torch.cat([B1[:, :3], B2], 1), torch.cat([B2, -B2], 1), torch.zeros(40, 6, dtype=dtype)])
+    A = torch.stack([torch.cat([A1[:3], A2]), torch.cat([A2, -2 * A2]), A1])  # ΔW_1 = 3 B2 A2: rank 3 of 6
+    for rank in (6, 2):
+        Bo, Ao, errors = merge.lowrank_svd_batched(B, A, rank)
+        assert Bo.dtype == dtype and Bo.shape == (3, 40, rank)
+        for i in range(3):
+            d = B[i].double() @ A[i].double()
+            U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+            best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+            got = Bo[i].double() @ Ao[i].double()
+            assert float((got - best).norm()) <= 1e-5 * max(float(d.norm()), 1.0), (i, rank)
+            want = float((d - best).norm() / d.norm()) if float(d.norm()) > 0 else 0.0
+            assert math.isclose(errors[i], want, rel_tol=1e-3, abs_tol=1e-5), (i, rank, errors[i], want)
+
+
 def test_linear_is_on_delta_w_not_on_the_factors(adapters, tmp_path, tiny_model_dir):
     """PEFT's `linear` adds √(w s) A and √(w s) B separately, which adds cross terms B_i A_j (peft#3004)."""
     a = adapters["a"]
@@ -225,8 +247,10 @@ def test_nan_inputs_and_overflowing_outputs_are_refused(adapters, tmp_path):
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     with pytest.raises(UserError, match=r"v_proj: lora_A.* NaN"):
         merge.merge_adapters([a, bad], "cat", out=tmp_path / "m")
-    with pytest.raises(UserError, match=r"module .*proj: the merged factors overflow"):
+    with pytest.raises(UserError, match=r"module .*proj: the merged factors contain NaN/inf \(they overflow"):
         merge.merge_adapters([a], "cat", [1e80], out=tmp_path / "m")
+    with pytest.raises(UserError, match=r"module .*proj: the merged factors contain NaN/inf \(they overflow"):
+        merge.merge_adapters([a], "svd", [1e80], out=tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
