@@ -226,12 +226,14 @@ def lowrank_svd_batched(B, A, rank: int):
     n = min(rank, n_in, B.shape[-2], A.shape[-1])
     L, info = torch.linalg.cholesky_ex(A @ A.mT)
     ok = (info == 0) & (_diag_ratio(L) > (1e-3 if work != torch.float64 else 1e-6))
-    B_out = B.new_zeros(B.shape[0], B.shape[1], n)
-    A_out = A.new_zeros(A.shape[0], n, A.shape[2])
     errors = [0.0] * B.shape[0]
     good = ok.nonzero().flatten().tolist()
+    everything = len(good) == B.shape[0]
+    if not everything:
+        B_out = B.new_zeros(B.shape[0], B.shape[1], n)
+        A_out = A.new_zeros(A.shape[0], n, A.shape[2])
     if good:
-        L, Bg, Ag = L[good], B[good], A[good]
+        L, Bg, Ag = (L, B, A) if everything else (L[good], B[good], A[good])
         M = L.mT @ (Bg.mT @ Bg) @ L
         ev, V = torch.linalg.eigh((M + M.mT) / 2)
         ev, V = ev.flip(-1).clamp(min=0), V.flip(-1)
@@ -239,8 +241,12 @@ def lowrank_svd_batched(B, A, rank: int):
         Sr, Vr = S[:, :n], V[:, :, :n]
         tiny = Sr <= Sr[:, :1] * eps * n_in * 10
         D = torch.where(tiny, torch.ones_like(Sr), Sr.clamp(min=torch.finfo(work).tiny).rsqrt())  # Λ^-¼
-        B_out[good] = Bg @ ((L @ Vr) * D[:, None, :])
-        A_out[good] = torch.linalg.solve_triangular(L.mT, Vr / D[:, None, :], upper=True).mT @ Ag
+        Bo = Bg @ ((L @ Vr) * D[:, None, :])
+        Ao = torch.linalg.solve_triangular(L.mT, Vr / D[:, None, :], upper=True).mT @ Ag
+        if everything:
+            B_out, A_out = Bo, Ao
+        else:
+            B_out[good], A_out[good] = Bo, Ao
         for j, i in enumerate(good):
             errors[i] = _tail_error(S[j].double(), n)
     for i in (~ok).nonzero().flatten().tolist():
@@ -428,30 +434,30 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
         if lowrank:  # float32 working precision here (float64 inputs stay float64): see lowrank_svd_batched
             work = torch.float64 if any(a.factors[module][0].dtype == torch.float64 for a in adapters) else \
                 torch.float32
-            Bs = torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1)
-            if not bool(torch.isfinite(Bs).all()):  # huge weights: work in float64
+            if max(abs(w * s) for w, s in zip(weights, scales)) > 1e15:  # huge weights: work in float64
                 work = torch.float64
-                Bs = torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1)
-            stacked[module] = (Bs, torch.cat([A.to(work) for A, _ in factors], dim=0))
+            stacked[module] = (torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1),
+                               torch.cat([A.to(work) for A, _ in factors], dim=0))
         else:
             factors = [(A.to(torch.float64), B.to(torch.float64)) for A, B in factors]
             B, A, err = combine(method, factors, scales, weights, rank=rank, density=density, seed=seed,
                                 module=module)
-            merged[module] = (A, B, err)
+            merged[module] = (A, B, err, False)
     groups: dict[tuple, list[str]] = {}
     for module, (B, A) in stacked.items():
         groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(module)
     for names in groups.values():
         B_out, A_out, errors = lowrank_svd_batched(torch.stack([stacked[m][0] for m in names]),
                                                    torch.stack([stacked[m][1] for m in names]), rank)
+        finite = bool(torch.isfinite(B_out).all()) and bool(torch.isfinite(A_out).all())  # every tensor at once
         for i, m in enumerate(names):
-            merged[m] = (A_out[i], B_out[i], errors[i])
+            merged[m] = (A_out[i], B_out[i], errors[i], finite)
     if dry_run:
         result.rank = max(m.rank for m in result.modules)
         return result, {}
 
     for module in modules:
-        A, B, err = merged[module]
+        A, B, err, _ = merged[module]
         A0, B0, _ = adapters[0].factors[module]
         result.modules.append(ModuleResult(module, (B0.shape[0], A0.shape[1]),
                                            [a.factors[module][0].shape[0] for a in adapters], A.shape[0], err))
@@ -460,7 +466,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
     dtype = dtypes.pop() if len(dtypes) == 1 and None not in dtypes else torch.float32
     tensors = {}
     for module in modules:
-        A, B, _ = merged[module]
+        A, B, _, checked = merged[module]
         kind = adapters[0].factors[module][2]
         pad = result.rank - A.shape[0]  # modules that need a lower rank get zero rows/columns: no effect
         if pad:
@@ -469,7 +475,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
         a_suffix, b_suffix = _KINDS[kind]
         cast = A.dtype != dtype
         A, B = A.to(dtype).contiguous(), B.to(dtype).contiguous()
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):  # every output tensor
+        if (cast or not checked) and not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
             raise UserError(f"module {module}: the merged factors contain NaN/inf"
                             + (f" (they overflow {dtype})" if cast else "") + f" (weights {weights})")
         tensors[module + a_suffix] = A
