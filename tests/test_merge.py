@@ -369,3 +369,30 @@ def test_export_a_merged_adapter(lora_run, adapters, tmp_path, run_cli, tiny_mod
     assert code == 0, err
     model, tok = models.load_adapter(merged, str(tiny_model_dir))
     assert _logits_match(tmp_path / "exp", model, tok) <= 1e-5
+
+
+def test_export_fails_and_writes_nothing_when_the_logits_differ(lora_run, tmp_path, run_cli, monkeypatch):
+    from ftcli import export as export_mod
+
+    monkeypatch.setattr(export_mod, "TOLERANCE", -1.0)  # no difference, not even 0, passes
+    code, _, err = run_cli("export", lora_run, "--out", tmp_path / "exp")
+    assert code == 1 and "export check failed" in err
+    assert not (tmp_path / "exp").exists() and not any(tmp_path.iterdir())
+
+
+def test_export_a_full_weights_run(tmp_path, tiny_model_dir, run_cli):
+    from conftest import addition_rows, make_recipe, write_jsonl
+
+    from ftcli import models
+    from ftcli import recipe as recipe_mod
+    from ftcli import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(32))
+    r = recipe_mod.load(make_recipe(tmp_path, tiny_model_dir, data, strategy={"name": "full"},
+                                    training={"max_steps": 2, "batch_size": 8}, eval={"metrics": ["loss"]}))
+    run_dir = train.run(r, output=recipe_mod.default_output(r), progress=False)
+    code, out, err = run_cli("export", run_dir, "--out", tmp_path / "exp")
+    assert code == 0, err
+    model, tok = models.load_run(run_dir)
+    assert _logits_match(tmp_path / "exp", model, tok) == 0.0
+    assert (tmp_path / "exp" / "generation_config.json").is_file()
