@@ -20,7 +20,8 @@ from typing import Optional
 
 from ftcli.errors import RunError, UserError
 
-TOLERANCE = 1e-5  # relative to the largest |logit| (at least 1); float32 folding error is ~1e-6 of it
+TOLERANCE = 1e-4  # relative to the largest |logit| (at least 1); folding in float32 measured ≈3e-6 of it on the
+# built-in model, while merging into 4-bit weights or a wrong scale moves logits by 1e-2 of it and more
 PROMPTS = (
     "What is 7 + 5?",
     "Write one sentence about the sea.",

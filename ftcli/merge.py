@@ -17,7 +17,8 @@ per-adapter ΔW_i = s_i B_i A_i). The output folds every scale into the factors:
 - dare_ties    the same drop-and-rescale, then TIES' sign election and disjoint mean (Yu et al. 2023,
                arXiv 2311.03099). Masks are seeded per (--seed, module, input position).
 ties and dare_* need the dense ΔW per module; the result is stored as a rank --rank adapter (default: the largest
-input rank) through an SVD, and the relative Frobenius truncation error ‖ΔW − B A‖/‖ΔW‖ is reported per module.
+input rank) through an SVD, and the relative Frobenius truncation error ‖ΔW − B A‖/‖ΔW‖ is reported per
+module.
 
 All arithmetic runs in float64; the output is stored in the inputs' dtype.
 """
@@ -445,7 +446,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
             merged[module] = (A, B, err, False)
     groups: dict[tuple, list[str]] = {}
     for module, (B, A) in stacked.items():
-        groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(module)
+        groups.setdefault((tuple(B.shape), tuple(A.shape), B.dtype), []).append(module)
     for names in groups.values():
         B_out, A_out, errors = lowrank_svd_batched(torch.stack([stacked[m][0] for m in names]),
                                                    torch.stack([stacked[m][1] for m in names]), rank)

@@ -115,7 +115,8 @@ def main() -> None:
           f"(SmolLM2-135M shapes: q/o 576×576, k/v 192×576, gate/up 1536×576, down 576×1536), weights 1,1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
           f"PEFT model set-up {setup_s:.1f} s (not timed below)")
-    print(f"{'rank':>5} {'ftcli s':>8} {'(cold s)':>9} {'(+I/O s)':>9} {'PEFT s':>8} {'speed-up':>9} {'ftcli max|err|':>15} "
+    print(f"{'rank':>5} {'ftcli s':>8} {'(cold s)':>9} {'(+I/O s)':>9} {'PEFT s':>8} {'speed-up':>9} "
+          f"{'ftcli max|err|':>15} "
           f"{'PEFT max|err|':>14} {'ftcli rel':>10} {'PEFT rel':>10} {'reported':>9}")
     rows = []
     for rank in ranks:
@@ -149,7 +150,8 @@ def main() -> None:
                      "speedup_with_io": peft_s / (ftcli_cold + ftcli_io_s),
                      "ftcli_max_abs_err": oa, "peft_max_abs_err": pa, "ftcli_max_rel_err": orl,
                      "peft_max_rel_err": prl, "reported_truncation_error": res.max_error})
-        print(f"{rank:>5} {ftcli_s:>8.2f} {ftcli_cold:>9.2f} {ftcli_io_s:>+9.2f} {peft_s:>8.2f} {peft_s / ftcli_s:>8.1f}× {oa:>15.3e} "
+        print(f"{rank:>5} {ftcli_s:>8.2f} {ftcli_cold:>9.2f} {ftcli_io_s:>+9.2f} {peft_s:>8.2f} "
+              f"{peft_s / ftcli_s:>8.1f}× {oa:>15.3e} "
               f"{pa:>14.3e} {orl:>10.2e} {prl:>10.2e} {res.max_error:>9.2e}")
     cold = ", ".join(f"{r['speedup_cold']:.1f}×" for r in rows)
     with_io = ", ".join(f"{r['speedup_with_io']:.1f}×" for r in rows)

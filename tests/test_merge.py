@@ -116,7 +116,8 @@ def test_svd_below_full_rank_is_the_best_rank_r_approximation(adapters, tmp_path
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batched_low_rank_svd_handles_degenerate_modules(dtype):
-    """A batch mixing a well-conditioned module, a rank-deficient one (an adapter stacked with a multiple of itself) and one with
+    """A batch mixing a well-conditioned module, a rank-deficient one (an adapter stacked with a multiple of
+    itself) and one with
     B = 0: the fast path and the QR route both give the dense best rank-r approximation."""
     g = torch.Generator().manual_seed(0)
     B1, A1 = torch.randn(40, 6, generator=g, dtype=dtype), torch.randn(6, 24, generator=g, dtype=dtype)
@@ -218,7 +219,8 @@ def test_errors_name_the_module_and_the_shapes(adapters, tmp_path, tiny_model_di
 
     missing = tmp_path / "missing"
     make_adapter(missing, tiny_model_dir, targets=["q_proj", "v_proj"])
-    with pytest.raises(UserError, match=r"module base_model\.model\.model\.layers\.0\.mlp\.down_proj is in .* but not in"):
+    with pytest.raises(UserError, match=r"module base_model\.model\.model\.layers\.0\.mlp\.down_proj is in .* "
+                                        r"but not in"):
         merge.merge_adapters([a, missing], "svd", out=tmp_path / "m")
 
     other = tmp_path / "other"
