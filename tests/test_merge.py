@@ -196,6 +196,20 @@ def test_dense_methods_are_seeded_and_report_their_truncation_error(method, adap
             assert math.isclose(rel(got[mod.name], dense), mod.error, rel_tol=1e-3, abs_tol=1e-6)
 
 
+def test_randomised_dense_svd_is_near_optimal_and_reports_its_true_error():
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(400, 300, generator=g, dtype=torch.float64))
+    delta = (U * torch.logspace(0, -3, 300, dtype=torch.float64)) @ V.T
+    B, A, err = merge.dense_svd(delta, 20, seed=1)
+    assert math.isclose(err, rel(B @ A, delta), rel_tol=1e-9)
+    S = torch.linalg.svdvals(delta)
+    best = float(S[20:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())
+    assert best <= err <= 1.05 * best
+    B2, A2, _ = merge.dense_svd(delta, 20, seed=1)
+    assert torch.equal(B, B2) and torch.equal(A, A2)
+
+
 def test_default_rank_of_dense_methods_is_the_largest_input_rank(adapters, tmp_path):
     res = merge.merge_adapters([adapters["a"], adapters["b"]], "ties", density=0.5, dry_run=True)
     assert res.rank == 4
