@@ -191,6 +191,87 @@ def _print_run_summary(console, run_dir: Path) -> None:
                   f"{thr['peak_rss_mb']:.0f} MB · report: {run_dir / 'report.md'}")
 
 
+def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    from ftcli.errors import UserError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 1,-0.5") from None
+
+
+@app.command()
+def merge(
+    adapters: List[Path] = typer.Argument(..., help="adapter folders, run folders or adapter_model.safetensors files"),
+    method: str = typer.Option(..., "--method", "-m", help="cat | linear | svd | ties | dare_linear | dare_ties"),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="one weight per adapter: 1,-1 (default all 1)"),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r",
+                                       help="output rank for svd/ties/dare (default: the largest input rank), "
+                                            "optional for linear"),
+    density: Optional[float] = typer.Option(None, "--density", help="ties/dare: fraction of ΔW entries kept"),
+    seed: int = typer.Option(0, "--seed", help="dare: seed of the drop masks"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the new adapter folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would be merged; write nothing"),
+):
+    """Combine LoRA adapters from their files alone (no base model) into a new PEFT adapter folder."""
+    from ftcli import merge as merge_mod
+
+    console = _console()
+    res = merge_mod.merge_adapters(adapters, method, _floats(weights, "--weights"), rank, density, seed, out,
+                                   dry_run=dry_run, overwrite=overwrite)
+    _print_merge(console, res)
+
+
+def _print_merge(console, res) -> None:
+    from rich.table import Table
+
+    head = (f"{res.method} of {len(res.inputs)} adapters, weights {','.join(f'{w:g}' for w in res.weights)}"
+            f" → rank {res.rank} (lora_alpha {res.rank}, scale 1)")
+    if res.density is not None:
+        head += f", density {res.density:g}, seed {res.seed}"
+    if res.dry_run:
+        table = Table(title=f"would merge ({head})", title_justify="left")
+        for col in ("module", "ΔW shape", "input ranks", "rank", "exact"):
+            table.add_column(col, justify="left" if col == "module" else "right")
+        for m in res.modules:
+            table.add_row(m.name.removeprefix("base_model.model."), f"{m.shape[0]}×{m.shape[1]}",
+                          "+".join(map(str, m.in_ranks)), str(m.rank),
+                          "yes" if m.error == 0.0 else "truncated" if m.error is None else f"{m.error:.2e}")
+        console.print(table)
+        for path in res.inputs:
+            console.print(f"input: {path}")
+        return
+    worst = max(res.modules, key=lambda m: m.error or 0.0)
+    console.print(head)
+    console.print(f"{len(res.modules)} modules · truncation error (relative Frobenius) max {res.max_error:.3e}"
+                  + (f" at {worst.name.removeprefix('base_model.model.')}" if res.max_error > 0 else " (exact)"))
+    console.print(f"[bold]adapter folder:[/] {res.out}")
+
+
+@app.command()
+def export(
+    run: Optional[Path] = typer.Argument(None, help="a finished run folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="the model folder to write"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="an adapter folder or file instead of a run"),
+    base: Optional[str] = typer.Option(None, "--base", help="with --adapter: the base model (alias, folder, hub id)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow .bin/.pt weights (they can run code)"),
+):
+    """Fold a run's adapter (or --adapter into --base) and write a standard transformers folder, checked by logits."""
+    from ftcli import export as export_mod
+
+    console = _console()
+    res = export_mod.export(run=run, out=out, adapter=adapter, base=base, overwrite=overwrite,
+                            allow_pickle=allow_pickle, log=console.print)
+    console.print(f"logits of the export vs base+adapter on {res.prompts} prompts: max |diff| {res.max_diff:.2e} "
+                  f"(tolerance {res.tolerance:.0e})")
+    console.print(f"stop tokens in generation_config.json: {res.stop_ids}")
+    console.print(f"[bold]model folder:[/] {res.out}")
+
+
 def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError
