@@ -115,6 +115,6 @@ def test_lora_inner_penalises_the_effective_weight_change(tmp_path, tiny_model_d
             delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
             f = next(t[0] for t in s.terms if t[1] is module.lora_A["default"].weight)
             assert f.shape == delta.shape, key
-            expected += float((f * delta.pow(2)).sum())
+            expected += float((f * delta.pow(2)).sum().detach())
     assert s.extra_loss(model, None).item() == pytest.approx(0.5 * 2.0 * expected, rel=1e-5)
     assert len(s.terms) == 2  # q_proj of both blocks
