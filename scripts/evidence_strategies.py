@@ -26,7 +26,7 @@ SHARED = ROOT.parent / "shared" / "data"
 STRATEGIES = {
     "full": {"name": "full"},
     "hft": {"name": "hft"},
-    "ewc": {"name": "ewc", "inner": {"name": "full"}},
+    "ewc": {"name": "ewc", "inner": {"name": "full"}, "lambda": 100.0, "fisher_rows": 16},
     "lora": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
 }
 LR = {"full": 1e-5, "hft": 1e-5, "ewc": 1e-5, "lora": 5e-4}
