@@ -20,11 +20,15 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def hidden_states(model, input_ids, position_ids, attention_mask=None) -> torch.Tensor:
-    """The decoder's last hidden states; `attention_mask` may be a 4-D boolean mask (True: attend)."""
+def hidden_states(model, input_ids, position_ids, attention_mask=None, example_bounds=None) -> torch.Tensor:
+    """The decoder's last hidden states; `attention_mask` may be a 4-D boolean mask (True: attend).
+    `example_bounds` (packed rows) lets ftcli's attention run on each example alone (ftcli/attention.py)."""
+    from ftcli.attention import installed
+
     lm = causal_lm(model)
+    extra = {"example_bounds": example_bounds} if example_bounds is not None and installed(lm) else {}
     out = lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                           use_cache=False)
+                           use_cache=False, **extra)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -35,7 +39,7 @@ def _head_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def nll_sum(model, batch) -> torch.Tensor:
     """Σ −log p(token) over the batch's trained tokens (each predicted from the positions before it)."""
     lm = causal_lm(model)
-    h = hidden_states(model, batch.input_ids, batch.position_ids)[:, :-1]
+    h = hidden_states(model, batch.input_ids, batch.position_ids, example_bounds=batch.example_bounds)[:, :-1]
     targets = batch.labels[:, 1:]
     keep = targets != -100
     h, targets = h[keep], targets[keep]

@@ -176,6 +176,9 @@ def load_model(
     with _hub_errors(spec):
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     model.config.use_cache = False
+    from ftcli.attention import install
+
+    install(model)  # packed rows attend per example (ftcli/attention.py)
     return model
 
 

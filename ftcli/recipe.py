@@ -98,6 +98,9 @@ class Training(_Section):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast matmuls to bfloat16")
     gradient_checkpointing: bool = False
+    pass_tokens: int | None = Field(
+        None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
+        "several passes of whole rows with the same gradient and less memory. null: max(512, data.max_len)")
     compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)

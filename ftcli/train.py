@@ -2,7 +2,8 @@
 
 Per optimiser step: the step's micro-batches are collated first, their trained tokens counted, and each
 micro-batch's summed NLL is divided by that count before backward, so the gradient is that of the mean loss over
-every trained token of the step, whatever `grad_accum` is. Then clipping, AdamW, the schedule. Validation every
+every trained token of the step, whatever `grad_accum` is. A micro-batch of more than `training.pass_tokens`
+positions runs as several forward/backward passes of whole rows (the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every
 `eval.every` steps and at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf
 loss stops the run before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits.
 """
@@ -28,9 +29,10 @@ from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics, to
 from ftcli.loss import causal_lm, nll_sum
 from ftcli.strategies import Context, Strategy
 
+PASS_TOKENS = 512  # default positions per forward/backward pass (training.pass_tokens), or one row if wider
 # recipe keys that may differ between a run and its --resume (they change how long, not what, is trained)
 RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "eval.every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "training.log_every", "output"}
+                     "training.keep_checkpoints", "training.log_every", "training.pass_tokens", "output"}
 
 
 @dataclass
@@ -193,6 +195,7 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     d = recipe.data
     pack_len = d.max_len
+    pass_tokens = t.pass_tokens or max(PASS_TOKENS, d.max_len)
 
     from ftcli.models import count_parameters
 
@@ -270,9 +273,10 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                            for mb in micro]
                 n_trained = sum(b.n_trained for b in batches)
                 step_loss = torch.zeros((), device=device)
-                for b in batches:
+                passes = [part for b in batches for part in b.split(pass_tokens)]
+                for part in passes:
                     with autocast():
-                        loss = nll_sum(model, b) / n_trained
+                        loss = nll_sum(model, part) / n_trained
                     accelerator.backward(loss)
                     step_loss += loss.detach()
                 step_nll = float(step_loss)  # the step's one host sync (the NaN guard needs the value)
@@ -303,7 +307,7 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                 n_tok = sum(b.n_tokens for b in batches)
                 state["tokens"] += n_tok
                 state["trained_tokens"] += n_trained
-                state["positions"] += sum(b.n_positions for b in batches)
+                state["positions"] += sum(p.n_positions for p in passes)
                 state["train_seconds"] += dt
                 if step % t.log_every == 0 or step == steps:
                     rec = {"kind": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": step_nll,

@@ -114,10 +114,17 @@ def worker_ftcli(args) -> dict:
            "data": {"train": str(tmp / "train.jsonl"), "format": "alpaca", "validation": None, "max_len": args.max_len,
                     "packing": not args.no_packing},
            "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
-                        "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": 0},
+                        "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": 0,
+                        "pass_tokens": args.pass_tokens},
            "eval": {"metrics": ["loss"]}, "output": str(tmp / "run")}
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(doc))
     r = recipe_mod.load(tmp / "recipe.yaml")
+    if args.no_packed_attention:
+        import ftcli.attention
+
+        ftcli.attention.install = lambda model: False
+    if args.plain_loss:
+        train.nll_sum = full_logits_nll_sum
     holder = {}
     run_dir = train.run(r, output=tmp / "run", progress=False,
                         hooks=train.Hooks(at_end=[lambda m: holder.setdefault("model", m)]))
@@ -128,6 +135,18 @@ def worker_ftcli(args) -> dict:
     toks = [x["tokens"] for x in recs]
     return finish(args, holder["model"], tokenizer, [x["step_s"] for x in recs], toks,
                   [t / max(1 - pad, 1e-9) for t in toks], [x["loss"] for x in recs])
+
+
+def full_logits_nll_sum(model, batch):
+    """ftcli's loss the textbook way: logits at every position, then the masked cross-entropy (--plain-loss)."""
+    import torch.nn.functional as F
+
+    from ftcli.loss import causal_lm, hidden_states
+
+    h = hidden_states(model, batch.input_ids, batch.position_ids, example_bounds=batch.example_bounds)
+    logits = causal_lm(model).get_output_embeddings()(h).float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
 
 
 def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
@@ -155,6 +174,7 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
                "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
                "--tmp", tmp, "--result", str(out), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env.update(kv.split("=", 1) for flag, kv in zip(extra, extra[1:]) if flag == "--env")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -185,7 +205,9 @@ def main() -> None:
     ap.add_argument("--val-rows", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation changed at a time")
+    ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
+    ap.add_argument("--slow-variants", action="store_true", help="also ftcli with bf16 autocast and torch.compile")
+    ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
     ap.add_argument("--worker", choices=["hf", "ftcli"], help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="lora", help=argparse.SUPPRESS)
@@ -194,12 +216,19 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-packing", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-packed-attention", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plain-loss", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pass-tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         sys.path.insert(0, str(ROOT))
         from ftcli.logs import quiet
 
         quiet()
+        if args.worker == "ftcli":
+            from ftcli.runtime import prepare_process
+
+            prepare_process()  # what `ftcli train` does before torch is imported
         res = (worker_hf if args.worker == "hf" else worker_ftcli)(args)
         Path(args.result).write_text(json.dumps(res))
         return
@@ -208,9 +237,15 @@ def main() -> None:
     results, ref = [], {}
     for strategy in args.strategies.split(","):
         runs = [("HF Trainer + PEFT" if strategy == "lora" else "HF Trainer", "hf", []), ("ftcli", "ftcli", [])]
-        if args.variants:
+        if args.variants:  # each of ftcli's optimisations turned off alone
             runs += [("ftcli, packing off", "ftcli", ["--no-packing"]),
-                     ("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),
+                     ("ftcli, masked attention over packed rows", "ftcli", ["--no-packed-attention"]),
+                     ("ftcli, full logits (plain loss)", "ftcli", ["--plain-loss"]),
+                     ("ftcli, glibc allocator defaults", "ftcli", ["--env", "FTCLI_ALLOCATOR=default"]),
+                     ("ftcli, no huge pages", "ftcli", ["--env", "THP_MEM_ALLOC_ENABLE=0"]),
+                     ("ftcli, one pass per micro-batch", "ftcli", ["--pass-tokens", "100000"])]
+        if args.slow_variants:  # measured once; not worth it on a CPU without bf16 units, see docs/benchmarks.md
+            runs += [("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),
                      ("ftcli, torch.compile", "ftcli", ["--compile"])]
         for label, system, extra in runs:
             print(f"running {strategy} · {label} ...", flush=True)

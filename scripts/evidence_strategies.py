@@ -44,11 +44,25 @@ def recipe(name: str, args) -> dict:
         "eval": {"metrics": ["loss", "accuracy"], "limit": args.val_limit, "retention": [
             {"name": "alpaca test (loss)", "data": str(SHARED / "alpaca" / "test.jsonl"), "format": "alpaca",
              "metric": "loss", "limit": args.retention_limit},
-            {"name": "mmlu test (choice)", "data": str(SHARED / "mmlu" / "test.jsonl"), "format": "choice",
+            {"name": "mmlu test (choice)", "data": str(args.mmlu), "format": "choice",
              "metric": "choice", "limit": args.retention_limit, "sample": 0},
         ]},
         "output": str(Path(args.out) / name),
     }
+
+
+def readable_copy(src: Path, dst: Path) -> int:
+    """Copy the JSON lines of `src` that parse (the shared MMLU test file has a truncated line, 10752, which
+    ftcli rightly refuses); returns how many were left out."""
+    good, bad = [], 0
+    for line in src.read_text(encoding="utf-8").splitlines():
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            bad += 1
+    dst.write_text("\n".join(good) + "\n", encoding="utf-8")
+    return bad
 
 
 def main() -> None:
@@ -60,9 +74,12 @@ def main() -> None:
     ap.add_argument("--retention-limit", type=int, default=100)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", default="runs/evidence")
+    ap.add_argument("--markdown", type=Path, help="also write the table and the command to this file")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.mmlu = out / "mmlu-test.readable.jsonl"
+    dropped = readable_copy(SHARED / "mmlu" / "test.jsonl", args.mmlu)
     rows = []
     for name in args.strategies.split(","):
         path = out / f"{name}.yaml"
@@ -90,9 +107,12 @@ def main() -> None:
     cmd = "python scripts/evidence_strategies.py " + " ".join(sys.argv[1:])
     text = (f"Command: `{cmd.strip()}`\n\n{args.steps} steps × batch {args.batch} SST-2 training rows; accuracy on the "
             f"first {args.val_limit} SST-2 validation rows; retention: {args.retention_limit} Alpaca test rows (loss on "
-            f"responses) and a seeded sample of {args.retention_limit} MMLU test rows (choice by log-likelihood).\n\n"
+            f"responses) and a seeded sample of {args.retention_limit} MMLU test rows (choice by log-likelihood; "
+            f"{dropped} unreadable line(s) of the shared test file left out).\n\n"
             + "\n".join(lines) + "\n")
     (out / "strategies.md").write_text(text)
+    if args.markdown:
+        args.markdown.write_text("# Strategies on the built-in model: task accuracy against forgetting\n\n" + text)
     print(text)
 
 

@@ -52,10 +52,56 @@ def test_packing_detects_crossing_attention(tiny_model, tiny_tokenizer, encoded)
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
         packed = collate(encoded, pad, packing=True, pack_len=10_000)
-        leaky = type(packed)(**{**packed.__dict__, "position_ids": torch.arange(packed.input_ids.shape[1])[None]})
+        leaky = type(packed)(**{**packed.__dict__, "position_ids": torch.arange(packed.input_ids.shape[1])[None],
+                                "example_bounds": None})
         sep = float(nll_sum(tiny_model, packed))
         crossed = float(nll_sum(tiny_model, leaky))
     assert abs(sep - crossed) > 1e-3
+
+
+def test_per_example_attention_equals_the_masked_row(tiny_model_dir, tiny_tokenizer, encoded):
+    """ftcli's attention over packed rows (each example alone) gives transformers' block-diagonal-mask numbers,
+    loss and gradient, on rows with several examples and a pad tail."""
+    from ftcli.attention import installed
+
+    model = load_model(str(tiny_model_dir))
+    assert installed(model)
+    batch = collate(encoded, tiny_tokenizer.pad_token_id, packing=True, pack_len=150)
+    assert batch.input_ids.shape[0] > 1 and max(len(s) for s in batch.example_bounds) > 3  # 3 examples + pads
+    masked = type(batch)(**{**batch.__dict__, "example_bounds": None})  # transformers' mask path
+    results = []
+    for b in (batch, masked):
+        model.zero_grad()
+        loss = nll_sum(model, b)
+        loss.backward()
+        results.append((float(loss.detach()), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer, encoded):
+    """A micro-batch split into forward/backward passes gives the same summed loss and gradient, and its parts
+    keep every token, trained token and example."""
+    model = load_model(str(tiny_model_dir))
+    for packing in (True, False):
+        batch = collate(encoded, tiny_tokenizer.pad_token_id, packing=packing, pack_len=40)
+        parts = batch.split(batch.input_ids.shape[1])  # one row per pass
+        assert len(parts) == batch.input_ids.shape[0] > 1
+        assert sum(p.n_tokens for p in parts) == batch.n_tokens
+        assert sum(p.n_trained for p in parts) == batch.n_trained
+        assert sum(p.n_examples for p in parts) == batch.n_examples
+        assert sum(p.n_positions for p in parts) < batch.n_positions  # each part trimmed to its longest row
+        grads = []
+        for passes in ([batch], parts):
+            model.zero_grad()
+            total = 0.0
+            for p in passes:
+                loss = nll_sum(model, p)
+                loss.backward()
+                total += float(loss.detach())
+            grads.append((total, model.model.layers[1].mlp.down_proj.weight.grad.clone()))
+        assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+        assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
 
 
 def test_padded_batch_loss_equals_one_by_one(tiny_model, tiny_tokenizer, encoded):

@@ -10,6 +10,11 @@ restart at 0 for every example, and transformers turns restarting position ids i
 so no example attends to another. Pad tokens continue the positions of the row's last example, which keeps a row
 that holds one example on the plain causal path.
 Without packing, examples are bucketed by length (per step window) so a micro-batch pads to little.
+
+A packed batch also carries each example's [start, end) span per row (`example_bounds`), so attention can run on
+each example alone instead of over a masked row (ftcli/attention.py). A micro-batch wider than a forward pass
+should be (`split`) runs as several passes of whole rows, trimmed to their own longest row: the summed loss and
+its gradient are the same, the activation memory is that of one pass.
 """
 
 from __future__ import annotations
@@ -31,6 +36,27 @@ class Batch:
     n_tokens: int  # real (non-pad) tokens
     n_trained: int
     n_positions: int  # rows × length: what the model computes, padding included
+    row_tokens: list[int] | None = None  # real tokens per row (rows are right-padded)
+    example_bounds: list[list[tuple[int, int]]] | None = None  # packed rows: each example's [start, end)
+
+    def split(self, max_positions: int) -> list["Batch"]:
+        """Consecutive whole rows in parts of at most `max_positions` positions (at least one row each), each
+        cut to its own longest row; the parts' counts add up to the batch's."""
+        rows, width = self.input_ids.shape
+        if self.row_tokens is None or rows * width <= max_positions:
+            return [self]
+        per_part = max(1, max_positions // width)
+        parts = []
+        for r in range(0, rows, per_part):
+            sl = slice(r, min(r + per_part, rows))
+            w = max(self.row_tokens[sl])
+            ids, labels, pos = self.input_ids[sl, :w], self.labels[sl, :w], self.position_ids[sl, :w]
+            bounds = None
+            if self.example_bounds is not None:
+                bounds = [[(s, min(e, w)) for s, e in spans if s < w] for spans in self.example_bounds[sl]]
+            parts.append(Batch(ids, labels, pos, int((pos == 0).sum()), sum(self.row_tokens[sl]),
+                               int((labels != -100).sum()), ids.numel(), self.row_tokens[sl], bounds))
+        return parts
 
 
 def plan_epoch(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
@@ -84,20 +110,27 @@ def collate(examples: list[Encoded], pad_id: int, packing: bool, pack_len: int) 
     labels = torch.full((len(groups), width), -100, dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
     n_tokens = n_trained = 0
+    row_tokens, bounds = [], []
     for r, group in enumerate(groups):
         at = 0
+        spans = []
         for e in group:
             n = len(e.input_ids)
             ids[r, at : at + n] = torch.tensor(e.input_ids)
             labels[r, at : at + n] = torch.tensor(e.labels())
             pos[r, at : at + n] = torch.arange(n)
+            spans.append((at, at + n))
             at += n
             n_tokens += n
             n_trained += e.n_trained
         if at < width:  # padding continues the last example's positions (see module docstring)
             last = pos[r, at - 1] + 1 if at else 0
             pos[r, at:] = torch.arange(width - at) + last
-    return Batch(ids, labels, pos, len(examples), n_tokens, n_trained, len(groups) * width)
+            spans.append((at, width))  # the pad tail attends only to itself
+        row_tokens.append(at)
+        bounds.append(spans)
+    return Batch(ids, labels, pos, len(examples), n_tokens, n_trained, len(groups) * width, row_tokens,
+                 bounds if packing else None)
 
 
 def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int, packing: bool, pack_len: int) -> list[Batch]:
