@@ -66,7 +66,7 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             model_dir = run / "model"
         elif (run / "adapter" / "adapter_config.json").is_file():
             adapter_dir = run / "adapter"
-            base = base or recipe.get("base_model") or models._adapter_base(adapter_dir)
+            base = base or recipe.get("base_model") or models.adapter_base(adapter_dir)
         else:
             raise UserError(f"{run}: not a finished run folder (no adapter/ or model/ inside)")
         source = str(run)
@@ -79,7 +79,7 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             adapter_dir = Path(tempfile.mkdtemp(prefix="ftcli-adapter-"))
             (adapter_dir / "adapter_model.safetensors").symlink_to(weights.resolve())
             (adapter_dir / "adapter_config.json").symlink_to(config.resolve())
-        base = base or models._adapter_base(adapter_dir)
+        base = base or models.adapter_base(adapter_dir)
         source = str(adapter)
 
     if model_dir is not None:

@@ -140,7 +140,7 @@ def resume_conflicts(run_dir: Path, recipe) -> list[str]:
 
     saved = yaml.safe_load((run_dir / report.RECIPE_FILE).read_text())
     saved.pop("versions", None)
-    now = recipe.model_dump(mode="json", exclude={"source"})
+    now = recipe.model_dump(mode="json", exclude={"source"}, by_alias=True)  # as written (ewc's `lambda`)
 
     def flat(d, prefix=""):
         out = {}
@@ -291,7 +291,9 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                         save_checkpoint(step)
                         last_checkpoint = step
                     status = "stopped: non-finite loss"
-                    message = (f"the loss became {step_nll} at step {step + 1}; the update was not applied and "
+                    what = f"the loss became {step_nll}" if not math.isfinite(step_nll) else \
+                        f"the {strategy.name} penalty became {penalty}"
+                    message = (f"{what} at step {step + 1}; the update was not applied and "
                                f"the last good state (step {step}) is checkpointed. Try a lower training.lr, "
                                "training.precision: fp32, or check the data of this step.")
                     break

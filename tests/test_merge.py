@@ -385,6 +385,10 @@ def test_export_a_merged_adapter(lora_run, adapters, tmp_path, run_cli, tiny_mod
     assert code == 0, err
     model, tok = models.load_adapter(merged, str(tiny_model_dir))
     assert _logits_match(tmp_path / "exp", model, tok) <= 1e-5
+    # without --base, the base named in the adapter's own config is used
+    code, out, err = run_cli("export", "--adapter", merged, "--out", tmp_path / "exp2")
+    assert code == 0, err
+    assert _logits_match(tmp_path / "exp2", model, tok) <= 1e-5
 
 
 def test_export_fails_and_writes_nothing_when_the_logits_differ(lora_run, tmp_path, run_cli, monkeypatch):

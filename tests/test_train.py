@@ -166,3 +166,31 @@ def test_ftcli_check_reports_the_plan(tmp_path, tiny_model_dir, addition_data, r
     assert code == 0, err
     assert "trainable" in out and "⟦" in out and "train" in out and "validation" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("strategy", [
+    {"name": "hft", "round_steps": 2},
+    {"name": "ewc", "lambda": 3.0, "fisher_rows": 4, "inner": {"name": "full"}},
+], ids=["hft", "ewc"])
+def test_resume_is_exact_for_stateful_strategies(tmp_path, tiny_model_dir, strategy, monkeypatch):
+    """HFT's rounds and EWC's anchor survive an interruption: the resumed run equals the straight one, and HFT's
+    round log has each round once."""
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
+    sections = dict(strategy=strategy, training={"max_steps": 6, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 3})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run(make_recipe(tmp_path / "a", tiny_model_dir, data, **sections))
+    path = make_recipe(tmp_path / "b", tiny_model_dir, data, **sections)
+
+    def ctrl_c_at_3(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunError, match="interrupted at step 3"):
+        run(path, hooks=train.Hooks(after_step=[ctrl_c_at_3]))
+    resumed = run(path, resume=True)
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)
+    if strategy["name"] == "hft":
+        rounds = [json.loads(x)["round"] for x in (resumed / "hft_rounds.jsonl").read_text().splitlines()]
+        assert rounds == [0, 1, 2]

@@ -124,13 +124,13 @@ class Hft(Strategy):
             param.requires_grad_(train)
             if not train:
                 param.grad = None
-        record = {"round": round_, "from_step": round_ * self.round_steps + 1,
-                  "frozen": {str(b): v for b, v in self.frozen_now.items()}}
+        entry = {"round": round_, "from_step": round_ * self.round_steps + 1,
+                 "frozen": {str(b): v for b, v in self.frozen_now.items()}}
         if record and not any(h["round"] == round_ for h in self.history):
-            self.history.append(record)
+            self.history.append(entry)
             if self.run_dir is not None:
                 with open(self.run_dir / "hft_rounds.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(entry) + "\n")
 
     def describe(self, model) -> dict:
         total = sum(q.numel() for _, q in model.named_parameters())
