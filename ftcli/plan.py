@@ -29,8 +29,9 @@ QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per bl
 
 
 def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, float]:
-    """Training memory by part, in MB: weights, gradients, AdamW state, activations (batch × max_len tokens,
-    every row full: an upper bound), and EWC's Fisher and anchor copies."""
+    """Training memory by part, in MB: weights, gradients, AdamW state, activations (of one forward/backward pass:
+    batch × max_len positions, every row full, at most `training.pass_tokens`: an upper bound), and EWC's Fisher
+    and anchor copies."""
     import torch
 
     cfg = model.config
@@ -42,7 +43,7 @@ def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, floa
         weights = linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - linear) * 4 + trainable * 4
     else:
         weights = total * 4
-    tokens = recipe.training.batch_size * recipe.data.max_len
+    tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:

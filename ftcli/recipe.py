@@ -22,6 +22,7 @@ from ftcli.strategies.lora import LoraParams
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+PASS_TOKENS = 512  # default training.pass_tokens
 
 # names other tools (axolotl, LLaMA-Factory, torchtune, HF Trainer) use for our keys: suggested on a miss
 SYNONYMS = {
@@ -100,7 +101,7 @@ class Training(_Section):
     gradient_checkpointing: bool = False
     pass_tokens: int | None = Field(
         None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
-        "several passes of whole rows with the same gradient and less memory. null: max(512, data.max_len)")
+        "several passes of whole rows with the same gradient and less memory. null: 512 (at least data.max_len)")
     compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
@@ -141,6 +142,10 @@ class Recipe(_Section):
         if gen and self.data.format == "completion":
             raise ValueError(f"eval.metrics {sorted(gen)} need a prompt and an answer; data.format 'completion' has none")
         return self
+
+    def pass_positions(self) -> int:
+        """Most positions (rows × length) one forward/backward pass computes; a row longer than that is one pass."""
+        return max(self.training.pass_tokens or PASS_TOKENS, self.data.max_len)
 
     def to_yaml(self, extra: dict | None = None) -> str:
         doc = self.model_dump(mode="json", exclude={"source"}, by_alias=True)

@@ -29,7 +29,6 @@ from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics, to
 from ftcli.loss import causal_lm, nll_sum
 from ftcli.strategies import Context, Strategy
 
-PASS_TOKENS = 512  # default positions per forward/backward pass (training.pass_tokens), or one row if wider
 # recipe keys that may differ between a run and its --resume (they change how long, not what, is trained)
 RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "eval.every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.log_every", "training.pass_tokens", "output"}
@@ -199,7 +198,7 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     d = recipe.data
     pack_len = d.max_len
-    pass_tokens = t.pass_tokens or max(PASS_TOKENS, d.max_len)
+    pass_tokens = recipe.pass_positions()
 
     from ftcli.models import count_parameters
 

@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.mmlu = out / "mmlu-test.readable.jsonl"
+    args.mmlu = (out / "mmlu-test.readable.jsonl").resolve()
     dropped = readable_copy(SHARED / "mmlu" / "test.jsonl", args.mmlu)
     rows = []
     for name in args.strategies.split(","):
