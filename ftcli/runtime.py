@@ -8,10 +8,9 @@ A training step allocates and frees gigabytes of activation tensors. Two setting
 - `tune_allocator()` keeps freed memory in glibc's heap for reuse (mmap threshold and trim threshold at 1 GiB)
   instead of returning every large tensor to the kernel and faulting its pages in again on the next allocation.
 
-Measured on the built-in model, LoRA r=16, 96 alpaca rows (2 cores): 131 → 169 tokens/s with both, at the same
-peak RSS (2.4 GB): the heap stays small because a step runs in passes of at most `training.pass_tokens` positions
-(train.py), so the activations of one pass are all that is ever live. `scripts/bench_train.py --variants` measures
-each setting on its own.
+Keeping the heap does not raise peak RSS because a step runs in passes of at most `training.pass_tokens`
+positions (train.py): the activations of one pass are all that is ever live. `scripts/bench_train.py --variants`
+measures each setting on its own (docs/benchmarks.md).
 """
 
 from __future__ import annotations

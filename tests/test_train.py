@@ -168,6 +168,35 @@ def test_ftcli_check_reports_the_plan(tmp_path, tiny_model_dir, addition_data, r
     assert not (tmp_path / "run").exists()
 
 
+def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_model_dir, addition_data):
+    from ftcli import plan
+    from ftcli.models import load_model
+
+    total = sum(p.numel() for p in load_model(str(tiny_model_dir)).parameters())
+    plans = {}
+    for name, strategy, sets in (("full", {"name": "full"}, ()), ("lora", {"name": "lora", "r": 4}, ()),
+                                 ("lora-small-pass", {"name": "lora", "r": 4}, ("training.pass_tokens=16",))):
+        (tmp_path / name).mkdir()
+        r = recipe_mod.load(make_recipe(tmp_path / name, tiny_model_dir, addition_data, strategy=strategy), list(sets))
+        plans[name] = plan.describe(r, log=lambda *a: None)
+    full, lora, small = plans["full"], plans["lora"], plans["lora-small-pass"]
+    assert full.trainable == full.total == total
+    assert 0 < lora.trainable < total and lora.total == total + lora.trainable
+    assert full.memory["gradients"] == pytest.approx(total * 4 / 2**20)
+    assert full.memory["optimizer (AdamW)"] == pytest.approx(2 * full.memory["gradients"])
+    assert lora.memory["gradients"] == pytest.approx(lora.trainable * 4 / 2**20)
+    # batch 4 × max_len 64 = 256 positions; a pass of at most 16 positions is still one whole row of 64
+    act = "activations (upper bound)"
+    assert small.memory[act] == pytest.approx(lora.memory[act] * 64 / 256)
+
+
+def test_check_refuses_a_combination_that_cannot_work(tmp_path, tiny_model_dir, addition_data, run_cli):
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data,
+                       strategy={"name": "ewc", "inner": {"name": "qlora", "r": 4}})
+    code, out, err = run_cli("check", path)
+    assert code == 2 and "strategy.inner" in err and "qlora" in err and "cannot be used here" in err
+
+
 @pytest.mark.parametrize("strategy", [
     {"name": "hft", "round_steps": 2},
     {"name": "ewc", "lambda": 3.0, "fisher_rows": 4, "inner": {"name": "full"}},
