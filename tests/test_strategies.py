@@ -120,6 +120,8 @@ def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, ti
             assert p.grad is None, n
         elif "lora_A" in n or trains(base_name(n)):
             assert p.grad is not None, n
+        if "lora_A" in n or "lora_B" in n:  # every adapted module of every block really learns (qlora too)
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0, n
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
