@@ -30,12 +30,14 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    one_row = len(bounds) == 1
     rows = []
     for r, spans in enumerate(bounds):
-        parts = [F.scaled_dot_product_attention(query[r : r + 1, :, s:e], key[r : r + 1, :, s:e],
-                                                value[r : r + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                                scale=scaling, enable_gqa=gqa)
-                 for s, e in spans]
+        sizes = [e - s for s, e in spans]
+        # split (not slicing per span): its backward is one concatenation, not a zero-filled tensor per span
+        q, k, v = ((t if one_row else t[r : r + 1]).split(sizes, dim=2) for t in (query, key, value))
+        parts = [F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                enable_gqa=gqa) for qi, ki, vi in zip(q, k, v)]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
