@@ -59,22 +59,29 @@ def test_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir):
     assert len(set(tokens)) > 1
 
 
-def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
-    sections = dict(strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-                    training={"max_steps": 12, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 4},
-                    eval={"every": 5})
+def straight_and_interrupted(tmp_path, tiny_model_dir, data, sections, at):
+    """Run a recipe straight through (in a/) and again (in b/) with Ctrl-C after step `at`; returns the straight
+    run folder and the interrupted run's recipe path."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = run(make_recipe(tmp_path / "a", tiny_model_dir, data, **sections))
     path = make_recipe(tmp_path / "b", tiny_model_dir, data, **sections)
 
-    def ctrl_c_at_6(step, loss):
-        if step == 6:
+    def ctrl_c(step, loss):
+        if step == at:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(RunError, match="interrupted at step 6"):
-        run(path, hooks=train.Hooks(after_step=[ctrl_c_at_6]))
+    with pytest.raises(RunError, match=f"interrupted at step {at}"):
+        run(path, hooks=train.Hooks(after_step=[ctrl_c]))
+    return straight, path
+
+
+def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
+    sections = dict(strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+                    training={"max_steps": 12, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 4},
+                    eval={"every": 5})
+    straight, path = straight_and_interrupted(tmp_path, tiny_model_dir, data, sections, at=6)
     out = tmp_path / "b" / "run"
     assert (out / "checkpoints" / "step-6" / "optimizer.pt").is_file()
     assert not (out / "adapter").exists()
@@ -207,17 +214,7 @@ def test_resume_is_exact_for_stateful_strategies(tmp_path, tiny_model_dir, strat
     monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
     sections = dict(strategy=strategy, training={"max_steps": 6, "batch_size": 4, "lr": 5e-3, "checkpoint_every": 3})
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    straight = run(make_recipe(tmp_path / "a", tiny_model_dir, data, **sections))
-    path = make_recipe(tmp_path / "b", tiny_model_dir, data, **sections)
-
-    def ctrl_c_at_3(step, loss):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(RunError, match="interrupted at step 3"):
-        run(path, hooks=train.Hooks(after_step=[ctrl_c_at_3]))
+    straight, path = straight_and_interrupted(tmp_path, tiny_model_dir, data, sections, at=3)
     resumed = run(path, resume=True)
     assert train_losses(resumed) == pytest.approx(train_losses(straight), abs=1e-6)
     if strategy["name"] == "hft":
