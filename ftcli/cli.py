@@ -183,9 +183,12 @@ def _print_run_summary(console, run_dir: Path) -> None:
     s = json.loads((run_dir / "report.json").read_text())
     b, a = s.get("before", {}), s.get("after", {})
     console.print(f"[bold]run folder:[/] {run_dir}")
-    for key in ("loss", "perplexity", "exact_match"):
+    for key in ("loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice"):
         if key in b and key in a:
             console.print(f"validation {key}: {b[key]:.4f} → {a[key]:.4f}")
+    for row in s.get("retention") or []:
+        if row.get("before") is not None and row.get("after") is not None:
+            console.print(f"retention {row['name']} {row['metric']}: {row['before']:.4f} → {row['after']:.4f}")
     thr = s["throughput"]
     console.print(f"{thr['tokens_per_s']:.0f} tokens/s · {s['run']['wall_s']:.0f} s · peak RSS "
                   f"{thr['peak_rss_mb']:.0f} MB · report: {run_dir / 'report.md'}")
