@@ -279,10 +279,8 @@ def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError
     from ftcli.logs import quiet
-    from ftcli.runtime import prepare_process
 
     quiet()
-    prepare_process()
     try:
         app(standalone_mode=False)
     except FtcliError as e:

@@ -5,7 +5,7 @@ model (the built-in SmolLM2-135M-Instruct), same hyperparameters, same number of
 process, so peak RSS is that run's alone. The first WARMUP steps of each run are excluded from the timings.
 
     python scripts/bench_train.py                       # lora and full, HF and ftcli, fp32; prints the table
-    python scripts/bench_train.py --variants             # also ftcli's optimisations one at a time (packing off, bf16, compile)
+    python scripts/bench_train.py --variants             # also ftcli with each of its optimisations turned off alone
     python scripts/bench_train.py --markdown docs/benchmarks.md
 
 The HF side is the standard way: DataCollatorForSeq2Seq padding to the longest row of the batch, the Trainer's
@@ -123,6 +123,10 @@ def worker_ftcli(args) -> dict:
         import ftcli.attention
 
         ftcli.attention.install = lambda model: False
+    if args.peft_layer:
+        from ftcli.strategies.lora import Lora
+
+        Lora.fused = False
     if args.plain_loss:
         train.nll_sum = full_logits_nll_sum
     holder = {}
@@ -218,6 +222,7 @@ def main() -> None:
     ap.add_argument("--no-packing", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-packed-attention", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--plain-loss", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--peft-layer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pass-tokens", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -225,10 +230,6 @@ def main() -> None:
         from ftcli.logs import quiet
 
         quiet()
-        if args.worker == "ftcli":
-            from ftcli.runtime import prepare_process
-
-            prepare_process()  # what `ftcli train` does before torch is imported
         res = (worker_hf if args.worker == "hf" else worker_ftcli)(args)
         Path(args.result).write_text(json.dumps(res))
         return
@@ -242,7 +243,7 @@ def main() -> None:
                      ("ftcli, masked attention over packed rows", "ftcli", ["--no-packed-attention"]),
                      ("ftcli, full logits (plain loss)", "ftcli", ["--plain-loss"]),
                      ("ftcli, glibc allocator defaults", "ftcli", ["--env", "FTCLI_ALLOCATOR=default"]),
-                     ("ftcli, no huge pages", "ftcli", ["--env", "THP_MEM_ALLOC_ENABLE=0"]),
+                     ("ftcli, PEFT's LoRA layer", "ftcli", ["--peft-layer"]),
                      ("ftcli, one pass per micro-batch", "ftcli", ["--pass-tokens", "100000"])]
         if args.slow_variants:  # measured once; not worth it on a CPU without bf16 units, see docs/benchmarks.md
             runs += [("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),

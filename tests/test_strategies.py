@@ -161,3 +161,43 @@ def test_qlora_base_is_4bit_and_the_report_says_how_small(trained):
     assert details["quantization"] == "nf4" and details["base_weight_bytes"] < details["base_weight_bytes_fp32"]
     losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, dropout, monkeypatch):
+    """ftcli's fused LoRA layer (lora strategy) gives PEFT's outputs and gradients, takes the fused path when it
+    applies (no dropout) and PEFT's own forward otherwise; the adapter it saves is plain PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftcli.data.formats import Example
+    from ftcli.data.tokenize import Encoder
+    from ftcli.strategies import lora_fused
+    from ftcli.strategies.lora import Lora, LoraParams
+
+    strategy = Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    config = strategy.lora_config(None)
+    fused = get_peft_model(models.load_model(str(tiny_model_dir)), config)
+    plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+    layers = [m for m in fused.modules() if isinstance(m, lora_fused.FusedLinear)]
+    assert len(layers) == 2 * 7  # every linear layer of both blocks
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in plain.state_dict().items() if "lora_" in k}  # B ≠ 0
+    plain.load_state_dict(state, strict=False)
+    fused.load_state_dict(state, strict=False)
+    calls = {"n": 0}
+    real = lora_fused._LoraLinear.apply
+    monkeypatch.setattr(lora_fused._LoraLinear, "apply", lambda *a: calls.__setitem__("n", calls["n"] + 1) or real(*a))
+    enc = Encoder(tiny_tokenizer).encode(Example(messages=[{"role": "user", "content": "what is 2 + 2"},
+                                                           {"role": "assistant", "content": "four, I think"}]))
+    batch = collate([enc, enc], tiny_tokenizer.pad_token_id, True, 64)
+    results = []
+    for model in (plain, fused):
+        model.eval()  # dropout off in both, so the paths must agree exactly; fused then takes its own path
+        loss = nll_sum(model, batch)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert calls["n"] == (14 if dropout == 0.0 else 0)  # dropout > 0: PEFT's forward, even in eval
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for n, g in results[0][1].items():
+        assert torch.allclose(g, results[1][1][n], rtol=1e-4, atol=1e-7), n

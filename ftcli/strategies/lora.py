@@ -46,12 +46,14 @@ class Lora(Strategy):
     name = "lora"
     artifact = "adapter"
     use_dora = False
+    fused = True  # plain float linear layers train through ftcli's fused LoRA layer (lora_fused.py)
 
     def lora_config(self, ctx: Context):
+        import torch
         from peft import LoraConfig
 
         p = self.params
-        return LoraConfig(
+        config = LoraConfig(
             r=p.r,
             lora_alpha=p.alpha,
             lora_dropout=p.dropout,
@@ -61,6 +63,11 @@ class Lora(Strategy):
             bias="none",
             task_type="CAUSAL_LM",
         )
+        if self.fused:
+            from ftcli.strategies.lora_fused import FusedLinear
+
+            config._register_custom_module({torch.nn.Linear: FusedLinear})
+        return config
 
     def prepare(self, model, ctx: Context):
         from peft import get_peft_model
@@ -83,10 +90,12 @@ class Lora(Strategy):
 class Dora(Lora):
     name = "dora"
     use_dora = True
+    fused = False
 
 
 class Qlora(Lora):
     name = "qlora"
+    fused = False  # 4-bit bases keep PEFT's bitsandbytes layers
 
     def __init__(self, params: QloraParams):
         super().__init__(params)
