@@ -189,16 +189,33 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
         return res
 
 
-def table(results: list[tuple[str, str, dict]], ref: dict[str, dict]) -> str:
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One row from the repeats of a run: medians of the timings and memory (the losses repeat exactly)."""
+    out = dict(runs[0])
+    for key in ("tokens_per_s", "s_per_step", "peak_rss_mb"):
+        out[key] = median([r[key] for r in runs])
+    out["all_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def table(results: list[tuple[str, str, list[dict]]], ref: dict[str, list[dict]]) -> str:
+    repeats = max(len(runs) for _, _, runs in results)
     head = ("| strategy | system | non-pad tokens/s | s/step | padding | peak RSS MB | final train loss | val loss "
-            "| tokens/s ÷ HF | RSS ÷ HF |")
-    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for strategy, system, r in results:
-        hf = ref[strategy]
-        lines.append(
-            f"| {strategy} | {system} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | {r['padding'] * 100:.0f}% | "
-            f"{r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
-            f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
+            "| tokens/s ÷ HF | RSS ÷ HF |" + (" ÷ HF per repeat |" if repeats > 1 else ""))
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if repeats > 1 else "")]
+    for strategy, system, runs in results:
+        r, hf = summarise(runs), summarise(ref[strategy])
+        line = (f"| {strategy} | {system} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | {r['padding'] * 100:.0f}% | "
+                f"{r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
+                f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
+        if repeats > 1:  # each repeat against the HF run of the same round
+            line += " " + ", ".join(f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}" for a, b in zip(runs, ref[strategy])) + " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -209,6 +226,7 @@ def main() -> None:
     ap.add_argument("--val-rows", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; the table gives medians")
     ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
     ap.add_argument("--slow-variants", action="store_true", help="also ftcli with bf16 autocast and torch.compile")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
@@ -248,21 +266,25 @@ def main() -> None:
         if args.slow_variants:  # measured once; not worth it on a CPU without bf16 units, see docs/benchmarks.md
             runs += [("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),
                      ("ftcli, torch.compile", "ftcli", ["--compile"])]
-        for label, system, extra in runs:
-            print(f"running {strategy} · {label} ...", flush=True)
-            r = run_one(system, strategy, args, extra)
-            print(f"  {r['tokens_per_s']:.1f} tok/s · {r['s_per_step']:.2f} s/step · RSS {r['peak_rss_mb']:.0f} MB · "
-                  f"val loss {r['val_loss']:.4f} · wall {r['wall_s']:.0f} s", flush=True)
-            if system == "hf":
-                ref[strategy] = r
-            results.append((strategy, label, r))
+        done: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+        for rep in range(args.repeat):  # rounds of every run in turn, so slow spells of the machine hit all alike
+            for label, system, extra in runs:
+                print(f"running {strategy} · {label}" + (f" · repeat {rep + 1}" if args.repeat > 1 else "") + " ...",
+                      flush=True)
+                r = run_one(system, strategy, args, extra)
+                print(f"  {r['tokens_per_s']:.1f} tok/s · {r['s_per_step']:.2f} s/step · RSS {r['peak_rss_mb']:.0f} "
+                      f"MB · val loss {r['val_loss']:.4f} · wall {r['wall_s']:.0f} s", flush=True)
+                done[label].append(r)
+        ref[strategy] = done[runs[0][0]]
+        results += [(strategy, label, done[label]) for label, _, _ in runs]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     cmd = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
     text = table(results, ref)
     info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, fp32 unless said, "
             f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
-            f"Machine: {os.cpu_count()} cores, {cpu}.")
+            + (f"Each run {args.repeat} times, in rounds; timings and RSS are medians. " if args.repeat > 1 else "")
+            + f"Machine: {os.cpu_count()} cores, {cpu}.")
     print()
     print(text)
     print()
