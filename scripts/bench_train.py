@@ -55,7 +55,7 @@ def worker_hf(args) -> dict:
 
     from ftcli import models
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     folder = str(models.builtin_folder("smollm2-135m-instruct"))
     tokenizer = models.load_tokenizer(folder)
     model = models.load_model(folder)
@@ -90,7 +90,7 @@ def worker_hf(args) -> dict:
 
     targs = TrainingArguments(output_dir=args.tmp, per_device_train_batch_size=args.batch, learning_rate=LR,
                               num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                              seed=0, disable_tqdm=True)
+                              seed=args.seed, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     return finish(args, model, tokenizer, times, [s[0] for s in seen], [s[1] for s in seen], losses)
@@ -114,7 +114,7 @@ def worker_ftcli(args) -> dict:
            "data": {"train": str(tmp / "train.jsonl"), "format": "alpaca", "validation": None, "max_len": args.max_len,
                     "packing": not args.no_packing},
            "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
-                        "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": 0,
+                        "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": args.seed,
                         "pass_tokens": args.pass_tokens},
            "eval": {"metrics": ["loss"]}, "output": str(tmp / "run")}
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(doc))
@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
     ap.add_argument("--slow-variants", action="store_true", help="also ftcli with bf16 autocast and torch.compile")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
     ap.add_argument("--worker", choices=["hf", "ftcli"], help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="lora", help=argparse.SUPPRESS)
