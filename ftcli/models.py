@@ -176,6 +176,8 @@ def load_model(
     with _hub_errors(spec):
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     model.config.use_cache = False
+    if quantization:
+        _keep_one_4bit_layout(model)
     from ftcli.attention import install
 
     install(model)  # packed rows attend per example (ftcli/attention.py)
@@ -203,6 +205,16 @@ def bnb_config(kind: str, compute_dtype: str = "float32", double_quant: bool = T
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
+
+
+def _keep_one_4bit_layout(model) -> None:
+    """bitsandbytes 0.50, on a CPU with AVX-512 BF16, repacks a 4-bit weight into a CPU-only layout the first time
+    the layer runs in eval mode without gradients (validation before training, scoring). That repacking rounds the
+    block scales to bfloat16, so the model scored is not quite the model trained, and it fails outright on layers
+    narrower than one quantisation block (64 inputs). Switch it off so every CPU computes with the same weights."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quantized_device() -> str:
