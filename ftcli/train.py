@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import signal
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,9 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
 
     setup = build(recipe, run_dir=run_dir, allow_pickle=allow_pickle, log=log)
     strategy, model, tokenizer, data = setup.strategy, setup.model, setup.tokenizer, setup.data
-    accelerator = Accelerator(mixed_precision="bf16" if t.precision == "bf16" else "no")
+    # bf16 is torch's autocast, entered here (not accelerate's mixed_precision, a process-wide setting that a
+    # second run in the same process could not change)
+    accelerator = Accelerator()
     named = strategy.train_params(model)
     if not named:
         raise UserError(f"strategy {strategy.name}: no parameter is trainable")
@@ -193,8 +196,8 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if t.compile:
         causal_lm(model).get_decoder().compile(dynamic=True)
-    autocast = accelerator.autocast
     device = accelerator.device
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" else nullcontext
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     d = recipe.data
     pack_len = d.max_len

@@ -201,3 +201,41 @@ def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, drop
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], rtol=1e-4, atol=1e-7), n
+
+
+def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokenizer):
+    """training.precision bf16: the fused layer computes in bf16 over base weights stored in bf16 (the rounding
+    autocast applies anyway); loss and adapter gradients match PEFT's layer under the same autocast. Embeddings
+    and norms stay float32."""
+    from peft import LoraConfig, get_peft_model
+
+    from ftcli.data.formats import Example
+    from ftcli.data.tokenize import Encoder
+    from ftcli.strategies.lora import Lora, LoraParams, store_frozen_in_bf16
+
+    fused = get_peft_model(models.load_model(str(tiny_model_dir)),
+                           Lora(LoraParams(r=4, alpha=8, target_modules="all-linear")).lora_config(None))
+    plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    state = {k: torch.randn_like(v) * 0.1 for k, v in plain.state_dict().items() if "lora_" in k}
+    plain.load_state_dict(state, strict=False)
+    fused.load_state_dict(state, strict=False)
+    assert store_frozen_in_bf16(fused) == 14
+    dtypes = {n: p.dtype for n, p in fused.named_parameters()}
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if n.endswith("base_layer.weight"))
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n)
+    enc = Encoder(tiny_tokenizer).encode(Example(messages=[{"role": "user", "content": "what is 2 + 2"},
+                                                           {"role": "assistant", "content": "four, I think"}]))
+    batch = collate([enc, enc], tiny_tokenizer.pad_token_id, True, 64)
+    results = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nll_sum(model, batch)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=2e-3)
+    for n, g in results[0][1].items():
+        other = results[1][1][n]
+        assert other.dtype == torch.float32
+        assert float((g - other).norm() / g.norm()) < 3e-2, n

@@ -114,6 +114,22 @@ def test_loss_falls(tmp_path, tiny_model_dir, addition_data):
     assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 1.0
 
 
+@pytest.mark.parametrize("strategy", [{"name": "lora", "r": 4, "alpha": 8}, {"name": "full"}])
+def test_bf16_precision_trains_and_tracks_fp32(tmp_path, tiny_model_dir, addition_data, strategy):
+    """training.precision bf16 (autocast; lora keeps its frozen base in bf16): the run finishes, its loss falls,
+    and its first step's loss is fp32's to bf16 rounding."""
+    sections = dict(strategy=strategy, training={"max_steps": 12, "batch_size": 8, "lr": 1e-2, "schedule": "constant"})
+    (tmp_path / "fp32").mkdir(), (tmp_path / "bf16").mkdir()
+    fp32 = run(make_recipe(tmp_path / "fp32", tiny_model_dir, addition_data, **sections))
+    bf16 = run(make_recipe(tmp_path / "bf16", tiny_model_dir, addition_data, **sections), "training.precision=bf16")
+    a, b = train_losses(fp32), train_losses(bf16)
+    assert b[0] == pytest.approx(a[0], rel=2e-2)
+    assert sum(b[-3:]) / 3 < sum(b[:3]) / 3 - 0.2
+    assert sum(b[-3:]) / 3 == pytest.approx(sum(a[-3:]) / 3, rel=5e-2)
+    report = json.loads((bf16 / "report.json").read_text())
+    assert report["after"]["loss"] < report["before"]["loss"]
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_a_checkpoint(tmp_path, tiny_model_dir, addition_data, monkeypatch):
     import ftcli.train as train_mod
 

@@ -79,12 +79,36 @@ class Lora(Strategy):
         except ValueError as e:  # PEFT names the missing target modules
             raise UserError(f"strategy.target_modules: {e}") from None
         peft_model.peft_config["default"].base_model_name_or_path = ctx.recipe.base_model
+        if self.fused and ctx.recipe.training.precision == "bf16":
+            store_frozen_in_bf16(peft_model)
         return peft_model
 
     def save(self, model, folder):
         # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
         # model up on the hub to compare vocabularies (a warning offline)
         model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+
+
+def store_frozen_in_bf16(model) -> int:
+    """Under `training.precision: bf16`, keep the frozen base weight of every fused LoRA layer in bf16: autocast
+    rounds it to bf16 for every product anyway, so the numbers are the same, the cast per call is gone and the
+    weights take half the memory. Embeddings, norms and the output head stay float32, copied out of the
+    memory-mapped weights file so that its pages (all read by the cast) leave memory. Returns the count."""
+    import torch
+
+    from ftcli.strategies.lora_fused import FusedLinear
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, FusedLinear):
+            weight = module.get_base_layer().weight
+            if weight.dtype == torch.float32 and not weight.requires_grad:
+                weight.data = weight.data.to(torch.bfloat16)
+                n += 1
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.dtype == torch.float32:
+            t.data = t.data.clone()
+    return n
 
 
 class Dora(Lora):

@@ -10,8 +10,10 @@ median 2.95 s with PEFT's layer, 2.82 s with this one (−4.4%).
 `FusedLinear` is a PEFT LoRA `Linear` (same parameters, names, saving and loading) that PEFT itself creates,
 through its custom-module mapping (`LoraConfig._register_custom_module`, PEFT's documented, experimental way to
 supply LoRA layers). It takes the fused path only where it computes what PEFT's layer computes: one active
-adapter, not merged, no dropout, no DoRA or other variant, a plain float `nn.Linear` base, no autocast, no extra
-arguments. Anything else goes through PEFT's own forward. tests/test_strategies.py compares the two.
+adapter, not merged, no dropout, no DoRA or other variant, a plain float `nn.Linear` base, no extra arguments.
+Under autocast (`training.precision: bf16`) every product runs in bf16, as autocast would run PEFT's layer; the
+frozen base weight may be stored in bf16 already (lora.py), which saves the cast per call and half its memory.
+Anything else goes through PEFT's own forward. tests/test_strategies.py compares the two.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 
 
 class _LoraLinear(torch.autograd.Function):
+    """Every product in `dtype`: the parameters' dtype, or autocast's (bf16) with the frozen weight stored in it
+    or cast per call, as autocast would. Gradients of A and B leave in `dtype`; autograd casts them to the
+    parameters' dtype."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2 @ a.t()  # [tokens, r]
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(xa, b.t(), alpha=scale)  # in place: the base output is ours alone
+    def forward(ctx, x, weight, bias, a, b, scale: float, dtype: torch.dtype):
+        x2, weight, a, b = (t.to(dtype) for t in (x.reshape(-1, x.shape[-1]), weight, a, b))
+        with torch.autocast(x.device.type, enabled=False):
+            xa = x2 @ a.t()  # [tokens, r]
+            y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+            y.addmm_(xa, b.t(), alpha=scale)  # in place: the base output is ours alone
         ctx.save_for_backward(x2, xa, weight, a, b)
         ctx.scale, ctx.x_shape = scale, x.shape
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -35,12 +42,13 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, xa, weight, a, b = ctx.saved_tensors
         s = ctx.scale
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dyb = dy2 @ b  # [tokens, r]
-        dx = (dy2 @ weight).addmm_(dyb, a, alpha=s).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        da = (dyb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None
-        db = (dy2.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None
-        return dx, None, None, da, db, None
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
+            dyb = dy2 @ b  # [tokens, r]
+            dx = (dy2 @ weight).addmm_(dyb, a, alpha=s).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+            da = (dyb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None
+            db = (dy2.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None
+        return dx, None, None, da, db, None, None
 
 
 class FusedLinear(PeftLinear):
@@ -52,15 +60,23 @@ class FusedLinear(PeftLinear):
         name = self.active_adapters[0]
         base = self.get_base_layer()
         if (name not in self.lora_A or self.use_dora.get(name) or getattr(self, "lora_variant", {}).get(name)
-                or not isinstance(self.lora_dropout[name], torch.nn.Identity) or type(base) is not torch.nn.Linear
-                or base.weight.dtype != self.lora_A[name].weight.dtype or torch.is_autocast_enabled()):
+                or not isinstance(self.lora_dropout[name], torch.nn.Identity) or type(base) is not torch.nn.Linear):
             return None
         return name
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter() if not args and not kwargs else None
-        if name is None or x.dtype != self.lora_A[name].weight.dtype:
+        dtype = compute_dtype(x, self.lora_A[name].weight) if name is not None else None
+        if dtype is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]))
+                                 float(self.scaling[name]), dtype)
+
+
+def compute_dtype(x: torch.Tensor, adapter_weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the layer computes in: autocast's where it is on for x's device, else the adapter's when x has it;
+    None (PEFT's path) for anything else."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return adapter_weight.dtype if x.dtype == adapter_weight.dtype else None
