@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 HEAD_CHUNK = 1024  # trained positions per chunk through the output head (fp32 logits: 1024 × vocab × 4 bytes)
+SCORE_CHUNK = 256  # the same without gradients: no recomputation to amortise, so smaller chunks cost nothing
 
 
 def causal_lm(model):
@@ -44,12 +45,13 @@ def nll_sum(model, batch) -> torch.Tensor:
     keep = targets != -100
     h, targets = h[keep], targets[keep]
     head = lm.get_output_embeddings()
-    if h.shape[0] <= HEAD_CHUNK:
+    grad = torch.is_grad_enabled()  # without gradients (scoring) the chunks need no checkpoint
+    chunk = HEAD_CHUNK if grad else SCORE_CHUNK
+    if h.shape[0] <= chunk:
         return _head_nll(head, h, targets)
     total = h.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled()  # without gradients (scoring) the chunks need no checkpoint
-    for s in range(0, h.shape[0], HEAD_CHUNK):
-        part = (head, h[s : s + HEAD_CHUNK], targets[s : s + HEAD_CHUNK])
+    for s in range(0, h.shape[0], chunk):
+        part = (head, h[s : s + chunk], targets[s : s + chunk])
         total = total + (checkpoint(_head_nll, *part, use_reentrant=False) if grad else _head_nll(*part))
     return total
 

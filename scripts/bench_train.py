@@ -90,7 +90,7 @@ def worker_hf(args) -> dict:
 
     targs = TrainingArguments(output_dir=args.tmp, per_device_train_batch_size=args.batch, learning_rate=LR,
                               num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                              seed=args.seed, disable_tqdm=True)
+                              seed=args.seed, disable_tqdm=True, bf16=args.precision == "bf16")
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
     trainer.train()
     return finish(args, model, tokenizer, times, [s[0] for s in seen], [s[1] for s in seen], losses)
@@ -155,11 +155,17 @@ def full_logits_nll_sum(model, batch):
 
 def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
     """Timings without the warm-up steps, and validation loss on held-back rows by one shared function."""
+    from contextlib import nullcontext
+
+    import torch
+
     from ftcli.evaluate import loss_metrics
 
     val = encoded_rows(tokenizer, DATA / "test.jsonl", 0, args.val_rows, args.max_len)
     pad = tokenizer.pad_token_id
-    vloss = loss_metrics(model, val, batch_size=8, pad_id=pad, packing=False, pack_len=args.max_len)["loss"]
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" else nullcontext
+    vloss = loss_metrics(model, val, batch_size=8, pad_id=pad, packing=False, pack_len=args.max_len,
+                         autocast=autocast)["loss"]  # at the run's own precision
     t, n = sum(times[WARMUP:]), sum(tokens[WARMUP:])
     return {"steps": len(times), "measured_steps": len(times) - WARMUP, "tokens_per_s": n / t,
             "s_per_step": t / max(len(times) - WARMUP, 1),
@@ -203,17 +209,32 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def table(results: list[tuple[str, str, list[dict]]], ref: dict[str, list[dict]]) -> str:
-    repeats = max(len(runs) for _, _, runs in results)
+def bf16_units() -> str:
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"
+
+
+def precision_of(extra: list[str]) -> str:
+    return extra[extra.index("--precision") + 1] if "--precision" in extra else "fp32"
+
+
+def table(results: list[tuple[str, str, list[dict], str]], ref: dict) -> str:
+    """Ratios against the standard stack in fp32 (the Trainer's default) and at the row's own precision."""
+    repeats = max(len(runs) for _, _, runs, _ in results)
     head = ("| strategy | system | non-pad tokens/s | s/step | padding | peak RSS MB | final train loss | val loss "
-            "| tokens/s ÷ HF | RSS ÷ HF |" + (" ÷ HF per repeat |" if repeats > 1 else ""))
-    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if repeats > 1 else "")]
-    for strategy, system, runs in results:
+            "| tokens/s ÷ HF fp32 | tokens/s ÷ HF same precision | RSS ÷ HF fp32 |"
+            + (" ÷ HF per repeat |" if repeats > 1 else ""))
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             + (" --- |" if repeats > 1 else "")]
+    for strategy, system, runs, precision in results:
         r, hf = summarise(runs), summarise(ref[strategy])
+        same = summarise(ref.get((strategy, precision), ref[strategy]))
         line = (f"| {strategy} | {system} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | {r['padding'] * 100:.0f}% | "
                 f"{r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
-                f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
-        if repeats > 1:  # each repeat against the HF run of the same round
+                f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['tokens_per_s'] / same['tokens_per_s']:.2f}× | "
+                f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
+        if repeats > 1:  # each repeat against the HF fp32 run of the same round
             line += " " + ", ".join(f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}" for a, b in zip(runs, ref[strategy])) + " |"
         lines.append(line)
     return "\n".join(lines)
@@ -227,8 +248,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; the table gives medians")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="each runs the standard stack and ftcli (bf16: autocast; pays on CPUs with AMX or AVX-512 BF16)")
     ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
-    ap.add_argument("--slow-variants", action="store_true", help="also ftcli with bf16 autocast and torch.compile")
+    ap.add_argument("--slow-variants", action="store_true", help="also ftcli with torch.compile")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
@@ -256,7 +279,12 @@ def main() -> None:
         raise SystemExit(f"needs {DATA}/train.jsonl (the workspace's shared data)")
     results, ref = [], {}
     for strategy in args.strategies.split(","):
-        runs = [("HF Trainer + PEFT" if strategy == "lora" else "HF Trainer", "hf", []), ("ftcli", "ftcli", [])]
+        hf = "HF Trainer + PEFT" if strategy == "lora" else "HF Trainer"
+        runs = []
+        for precision in args.precisions.split(","):  # each precision: the standard stack, then ftcli
+            extra = [] if precision == "fp32" else ["--precision", precision]
+            tag = "" if precision == "fp32" else f", {precision} autocast"
+            runs += [(hf + tag, "hf", extra), ("ftcli" + tag, "ftcli", extra)]
         if args.variants:  # each of ftcli's optimisations turned off alone
             runs += [("ftcli, packing off", "ftcli", ["--no-packing"]),
                      ("ftcli, masked attention over packed rows", "ftcli", ["--no-packed-attention"]),
@@ -264,9 +292,8 @@ def main() -> None:
                      ("ftcli, glibc allocator defaults", "ftcli", ["--env", "FTCLI_ALLOCATOR=default"]),
                      ("ftcli, PEFT's LoRA layer", "ftcli", ["--peft-layer"]),
                      ("ftcli, one pass per micro-batch", "ftcli", ["--pass-tokens", "100000"])]
-        if args.slow_variants:  # measured once; not worth it on a CPU without bf16 units, see docs/benchmarks.md
-            runs += [("ftcli, bf16 autocast", "ftcli", ["--precision", "bf16"]),
-                     ("ftcli, torch.compile", "ftcli", ["--compile"])]
+        if args.slow_variants:  # compiling takes about a minute and a half: it pays on long runs only
+            runs += [("ftcli, torch.compile", "ftcli", ["--compile"])]
         done: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
         for rep in range(args.repeat):  # rounds of every run in turn, so slow spells of the machine hit all alike
             for label, system, extra in runs:
@@ -276,16 +303,20 @@ def main() -> None:
                 print(f"  {r['tokens_per_s']:.1f} tok/s · {r['s_per_step']:.2f} s/step · RSS {r['peak_rss_mb']:.0f} "
                       f"MB · val loss {r['val_loss']:.4f} · wall {r['wall_s']:.0f} s", flush=True)
                 done[label].append(r)
+        for label, system, extra in runs:  # the reference of a row: the standard stack at the row's precision
+            if system == "hf":
+                ref[(strategy, precision_of(extra))] = done[label]
         ref[strategy] = done[runs[0][0]]
-        results += [(strategy, label, done[label]) for label, _, _ in runs]
+        results += [(strategy, label, done[label], precision_of(extra)) for label, _, extra in runs]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     cmd = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
     text = table(results, ref)
-    info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, fp32 unless said, "
+    info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, fp32 unless said "
+            "(bf16: torch autocast on both sides; ftcli also keeps the frozen LoRA base in bf16), "
             f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
             + (f"Each run {args.repeat} times, in rounds; timings and RSS are medians. " if args.repeat > 1 else "")
-            + f"Machine: {os.cpu_count()} cores, {cpu}.")
+            + f"Machine: {os.cpu_count()} cores, {cpu}, bf16 units: {bf16_units()}.")
     print()
     print(text)
     print()

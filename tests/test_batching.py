@@ -128,6 +128,9 @@ def test_selective_head_loss_and_gradient_equal_plain(tiny_model_dir, tiny_token
     ours.backward()
     assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert torch.allclose(model.model.layers[0].mlp.up_proj.weight.grad, ref_grad, rtol=1e-4, atol=1e-7)
+    monkeypatch.setattr(ftcli.loss, "SCORE_CHUNK", 5)  # scoring (no gradients) chunks the head too
+    with torch.no_grad():
+        assert float(nll_sum(model, batch)) == pytest.approx(float(ref.detach()), rel=1e-5)
 
 
 def test_pack_respects_capacity_and_keeps_every_example():
