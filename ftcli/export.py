@@ -1,13 +1,14 @@
 """`ftcli export`: fold a run's adapter into its base and write a standard transformers folder, then prove it.
 
 The folder holds config.json, model.safetensors, the tokenizer with the chat template used in training, and a
-generation_config.json whose eos_token_id lists the stop tokens used in training (end-of-turn and EOS). The base
-is always loaded in float32 and never quantised, so a qlora run is folded into full-precision weights, never into
-4-bit ones (merging into 4-bit weights rounds ΔW away: PEFT #2368, transformers #31293).
+generation_config.json whose eos_token_id lists the stop tokens used in training (end-of-turn and EOS). The folded
+weights are always float32, never 4-bit (merging into 4-bit weights rounds ΔW away: PEFT #2368, transformers
+#31293). A qlora adapter was trained against the 4-bit base, so it is folded into that base de-quantised to
+float32 (transformers' `dequantize()`), which is the model it was trained with, not into the original weights.
 
 After writing, the folder is loaded again with AutoModelForCausalLM and its logits on a few chat prompts are
-compared with base + adapter (PEFT, unmerged). The export fails (exit 1, nothing written) when the largest
-absolute difference exceeds TOLERANCE · max(1, largest |logit|).
+compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing in float32). The export fails
+(exit 1, nothing written) when the largest absolute difference exceeds TOLERANCE · max(1, largest |logit|).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
 
-    template, fmt, strategy, model_dir, adapter_dir = None, "chat", None, None, None
+    template, fmt, strategy, model_dir, adapter_dir, quant = None, "chat", None, None, None, {}
     if run is not None:
         run = Path(run)
         recipe_file = run / "recipe.resolved.yaml"
@@ -62,6 +63,10 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
         data = recipe.get("data") or {}
         template, fmt = data.get("chat_template"), data.get("format", "chat")
         strategy = (recipe.get("strategy") or {}).get("name")
+        if strategy == "qlora":  # the base as trained, its products in float32
+            q = recipe["strategy"]
+            quant = {"quantization": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True),
+                     "compute_dtype": "float32"}
         if (run / "model" / "config.json").is_file():
             model_dir = run / "model"
         elif (run / "adapter" / "adapter_config.json").is_file():
@@ -87,9 +92,9 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
         model = models.load_model(str(model_dir), allow_pickle=allow_pickle, log=log)
         tokenizer = models.load_tokenizer(str(model_dir), log=log)
     else:
-        if strategy == "qlora":
-            log("qlora run: folding the adapter into the float32 base, not into 4-bit weights")
-        model = models.load_model(base, allow_pickle=allow_pickle, log=log)  # float32, never quantised
+        if quant:
+            log("qlora run: folding the adapter into its 4-bit base de-quantised to float32, not into 4-bit weights")
+        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **quant)
         tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = models.load_tokenizer(tok_src, allow_pickle=allow_pickle, log=log)
     template_text = _chat_template(tokenizer, template, fmt)
@@ -97,6 +102,8 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
         tokenizer.chat_template = template_text
     stop_ids = _stop_ids(tokenizer, template_text)
     prompts = _prompt_ids(tokenizer, template_text)
+
+    import torch
 
     if model_dir is not None:
         reference = _logits(model, prompts)
@@ -106,6 +113,10 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
 
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         reference = _logits(peft_model, prompts)  # base + adapter, unmerged
+        if quant:  # the same 4-bit base, de-quantised to float32, then the adapter folded in
+            del peft_model, model
+            model = models.load_model(base, allow_pickle=allow_pickle, log=log, **quant).dequantize(dtype=torch.float32)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         folded = peft_model.merge_and_unload()
     folded.config.use_cache = True
     gen = folded.generation_config

@@ -416,3 +416,33 @@ def test_export_a_full_weights_run(tmp_path, tiny_model_dir, run_cli):
     model, tok = models.load_run(run_dir)
     assert _logits_match(tmp_path / "exp", model, tok) == 0.0
     assert (tmp_path / "exp" / "generation_config.json").is_file()
+
+
+def test_export_a_qlora_run_folds_into_the_dequantised_base(tmp_path, tiny_model_dir, run_cli):
+    """A qlora adapter is folded into the 4-bit base it was trained on, de-quantised to float32: the export
+    reproduces 4-bit base + adapter, holds no 4-bit tensor and no quantisation config, and is not the original
+    float32 base + adapter (which is a different model by the quantisation error)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from conftest import addition_rows, make_recipe, write_jsonl
+
+    from ftcli import models
+    from ftcli import recipe as recipe_mod
+    from ftcli import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(32))
+    r = recipe_mod.load(make_recipe(tmp_path, tiny_model_dir, data, strategy={"name": "qlora", "r": 4, "alpha": 8},
+                                    training={"max_steps": 2, "batch_size": 8}, eval={"metrics": ["loss"]}))
+    run_dir = train.run(r, output=recipe_mod.default_output(r), progress=False)
+    code, out, err = run_cli("export", run_dir, "--out", tmp_path / "exp")
+    assert code == 0, err
+    assert "de-quantised" in out
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert "quantization_config" not in config
+    tensors = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    trained, tok = models.load_run(run_dir)  # the 4-bit base + adapter, as trained
+    assert _logits_match(tmp_path / "exp", trained, tok) <= 1e-5
+    original = PeftModel.from_pretrained(models.load_model(str(tiny_model_dir)), str(run_dir / "adapter"))
+    assert _logits_match(tmp_path / "exp", original, tok) > 1e-4
