@@ -28,10 +28,11 @@ ACTIVATION_BYTES = 104
 QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per block of 64 (double quant: less)
 
 
-def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, float]:
+def memory_estimate(recipe, model, trainable: int, total: int, optimized: int | None = None) -> dict[str, float]:
     """Training memory by part, in MB: weights, gradients, AdamW state, activations (of one forward/backward pass:
     batch × max_len positions, every row full, at most `training.pass_tokens`: an upper bound), and EWC's Fisher
-    and anchor copies."""
+    and anchor copies. `optimized`: parameters AdamW keeps state for, when more than train at once (hft: every
+    parameter that trains in some round)."""
     import torch
 
     cfg = model.config
@@ -41,6 +42,10 @@ def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, floa
         linear = sum(m.weight.numel() for n, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
         weights = linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - linear) * 4 + trainable * 4
+    elif s.name == "lora" and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+        weights = linear * 2 + (total - linear) * 4
     else:
         weights = total * 4
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
@@ -48,7 +53,7 @@ def memory_estimate(recipe, model, trainable: int, total: int) -> dict[str, floa
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": weights, "gradients": trainable * 4, "optimizer (AdamW)": trainable * 8,
+    out = {"weights": weights, "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
            "activations (upper bound)": activations}
     if s.name == "ewc":
         anchored = total if s.inner.name != "lora" else total - trainable
@@ -86,5 +91,6 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     steps, _ = total_steps(recipe, len(bundle.train))
-    memory = memory_estimate(recipe, model, trainable, total)
+    optimized = sum(q.numel() for _, q in strategy.train_params(model))
+    memory = memory_estimate(recipe, model, trainable, total, optimized)
     return Plan(splits, trainable, total, steps, show_mask(tokenizer, bundle.train.encoded[0]), notes, memory)

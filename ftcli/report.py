@@ -214,9 +214,25 @@ def render_markdown(s: dict) -> str:
             out += [f"- **prompt**: {smp['prompt'][:200]!s}", f"  - reference: `{smp['reference'][:200]}`",
                     f"  - generated: `{smp['prediction'][:200]}`"]
     if s.get("strategy_details"):
-        out += ["", "## Strategy details", "", "```json", json.dumps(s["strategy_details"], indent=1)[:6000], "```"]
+        details = {k: v for k, v in s["strategy_details"].items() if k != "rounds_selected"}
+        out += ["", "## Strategy details", "", "```json", json.dumps(details, indent=1), "```"]
+        out += _rounds_table(s["strategy_details"].get("rounds_selected") or [])
     out += ["", "## Recipe (resolved)", "", "```yaml", s["recipe_yaml"].rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _rounds_table(rounds: list[dict]) -> list[str]:
+    """HFT: the modules frozen in every block in every round (folded away: rounds × blocks rows)."""
+    if not rounds:
+        return []
+    blocks = len(rounds[0]["frozen"])
+    out = ["", f"<details><summary>Frozen modules per round and block ({len(rounds)} rounds × {blocks} blocks; "
+               "the same as hft_rounds.jsonl)</summary>", "", "| round | from step | block | frozen |",
+           "| ---: | ---: | ---: | --- |"]
+    for r in rounds:
+        for b, names in r["frozen"].items():
+            out.append(f"| {r['round']} | {r['from_step']} | {b} | {', '.join(names)} |")
+    return out + ["", "</details>"]
 
 
 def write_report(run_dir: Path, summary: dict, records: list[dict]) -> None:

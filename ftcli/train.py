@@ -160,6 +160,23 @@ def resume_conflicts(run_dir: Path, recipe) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
 
+def schedule_change_note(run_dir: Path, recipe) -> str | None:
+    """A resumed run whose length changed keeps its steps so far, but a warm-up or decaying schedule is laid out
+    again over the new length: say so, since the result then differs from a run planned that long from the start."""
+    import yaml
+
+    saved = (yaml.safe_load((run_dir / report.RECIPE_FILE).read_text()) or {}).get("training", {})
+    t = recipe.training
+    if (saved.get("max_steps"), saved.get("epochs")) == (t.max_steps, t.epochs):
+        return None
+    if t.schedule == "constant" and (not t.warmup or t.warmup >= 1):  # warm-up in steps: unchanged
+        return None
+    return (f"the run's length changed (training.max_steps {saved.get('max_steps')} → {t.max_steps}, "
+            f"training.epochs {saved.get('epochs')} → {t.epochs}); the {t.schedule} schedule with warm-up "
+            f"{t.warmup} is laid out again over the new length, so the steps already taken followed the old one "
+            "and the run differs from one planned at the new length from the start")
+
+
 def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, allow_pickle: bool = False,
         console=None, hooks: Hooks | None = None, progress: bool = True) -> Path:
     """Train a recipe into the run folder `output`; returns the folder."""
@@ -177,6 +194,9 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
         if conflicts:
             raise UserError(f"--resume: the recipe differs from the run's in {', '.join(conflicts)}; "
                             "resume with the same recipe (only lengths, eval and checkpoint cadence may change)")
+        note = schedule_change_note(run_dir, recipe)
+        if note:
+            log(f"note: {note}")
     report.write_resolved_recipe(run_dir, recipe)
     t = recipe.training
     set_seed(t.seed)

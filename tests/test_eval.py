@@ -180,6 +180,27 @@ def test_cli_eval_base_run_adapter_and_compare(lora_run, tiny_model_dir, run_cli
     assert again["loss"] == pytest.approx(tuned["loss"], rel=1e-6)
 
 
+def test_cli_eval_merged_adapter_and_exported_model(lora_run, tiny_model_dir, run_cli, tmp_path):
+    """Merged models score like what they merge: the run's adapter cat-merged with itself at weights 0.5 and 0.5
+    is the same ΔW, and its export (adapter folded into the base) is the same model."""
+    run_dir, _, data = lora_run
+    scores = {}
+    code, _, err = run_cli("merge", run_dir / "adapter", run_dir / "adapter", "--method", "cat", "--weights",
+                           "0.5,0.5", "--out", tmp_path / "merged")
+    assert code == 0, err
+    code, _, err = run_cli("export", "--adapter", tmp_path / "merged", "--base", tiny_model_dir, "--out",
+                           tmp_path / "exported")
+    assert code == 0, err
+    for name, args in (("run", [run_dir]), ("merged", [tmp_path / "merged", "--base", tiny_model_dir]),
+                       ("exported", [tmp_path / "exported"])):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run_cli("eval", *map(str, args), "--data", str(data), "--limit", "12", "--json", str(out))
+        assert code == 0, err
+        scores[name] = next(iter(json.loads(out.read_text())["models"].values()))["loss"]
+    assert scores["merged"] == pytest.approx(scores["run"], rel=1e-5)
+    assert scores["exported"] == pytest.approx(scores["run"], rel=1e-5)
+
+
 def test_cli_eval_errors_name_the_problem(tiny_model_dir, run_cli, tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", addition_rows(4))
     code, _, err = run_cli("eval", str(tiny_model_dir), "--data", str(data), "--metrics", "accuracy")

@@ -63,3 +63,8 @@ def test_frozen_half_is_bit_identical_within_a_round_and_changes_next_round(tmp_
             assert same == (n in frozen), (rnd["round"], n, same)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["strategy_details"]["rounds"] == 2
+    assert report["strategy_details"]["rounds_selected"] == rounds  # every round and block, in the report too
+    md = (run_dir / "report.md").read_text()
+    for rnd in rounds:
+        for b, names in rnd["frozen"].items():
+            assert f"| {rnd['round']} | {rnd['from_step']} | {b} | {', '.join(names)} |" in md

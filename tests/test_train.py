@@ -97,6 +97,25 @@ def test_resume_after_ctrl_c_equals_an_uninterrupted_run(tmp_path, tiny_model_di
     assert report["run"]["resumed_from"] == 6 and report["before"]["loss"] > report["after"]["loss"]
 
 
+def test_a_finished_run_extended_by_resume_equals_the_longer_run(tmp_path, tiny_model_dir):
+    """6 steps, then --resume to 12 (constant schedule: the length does not change it) = 12 steps straight.
+    With a decaying schedule the same extension is allowed but announced as a different run."""
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(40))
+    sections = dict(strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+                    training={"max_steps": 12, "batch_size": 4, "lr": 5e-3, "schedule": "constant", "warmup": 2})
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    straight = run(make_recipe(tmp_path / "a", tiny_model_dir, data, **sections))
+    path = make_recipe(tmp_path / "b", tiny_model_dir, data, **sections)
+    run(path, "training.max_steps=6")
+    notes = []
+    extended = run(path, resume=True, console=type("C", (), {"print": staticmethod(notes.append),
+                                                              "is_terminal": False})())
+    assert train_losses(extended) == pytest.approx(train_losses(straight), abs=1e-6)
+    assert not any("schedule" in str(n) for n in notes)
+    r = recipe_mod.load(path, ["training.max_steps=20", "training.schedule=cosine"])
+    assert "laid out again" in train.schedule_change_note(extended, r)
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir, addition_data):
     path = make_recipe(tmp_path, tiny_model_dir, addition_data, training={"max_steps": 2})
     run(path)
@@ -198,7 +217,9 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
     total = sum(p.numel() for p in load_model(str(tiny_model_dir)).parameters())
     plans = {}
     for name, strategy, sets in (("full", {"name": "full"}, ()), ("lora", {"name": "lora", "r": 4}, ()),
-                                 ("lora-small-pass", {"name": "lora", "r": 4}, ("training.pass_tokens=16",))):
+                                 ("lora-small-pass", {"name": "lora", "r": 4}, ("training.pass_tokens=16",)),
+                                 ("hft", {"name": "hft", "embeddings": "train"}, ()),
+                                 ("lora-bf16", {"name": "lora", "r": 4}, ("training.precision=bf16",))):
         (tmp_path / name).mkdir()
         r = recipe_mod.load(make_recipe(tmp_path / name, tiny_model_dir, addition_data, strategy=strategy), list(sets))
         plans[name] = plan.describe(r, log=lambda *a: None)
@@ -211,6 +232,13 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
     # batch 4 × max_len 64 = 256 positions; a pass of at most 16 positions is still one whole row of 64
     act = "activations (upper bound)"
     assert small.memory[act] == pytest.approx(lora.memory[act] * 64 / 256)
+    # hft: half the block matrices get gradients in a round, but AdamW keeps state for all that train in any round
+    hft = plans["hft"]
+    assert hft.trainable < full.total and hft.memory["optimizer (AdamW)"] == pytest.approx(full.memory["optimizer (AdamW)"])
+    # lora in bf16 keeps the frozen linear weights in 2 bytes
+    linear = sum(m.weight.numel() for n, m in load_model(str(tiny_model_dir)).named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    assert plans["lora-bf16"].memory["weights"] == pytest.approx(lora.memory["weights"] - linear * 2 / 2**20)
 
 
 def test_check_refuses_a_combination_that_cannot_work(tmp_path, tiny_model_dir, addition_data, run_cli):
@@ -218,6 +246,25 @@ def test_check_refuses_a_combination_that_cannot_work(tmp_path, tiny_model_dir, 
                        strategy={"name": "ewc", "inner": {"name": "qlora", "r": 4}})
     code, out, err = run_cli("check", path)
     assert code == 2 and "strategy.inner" in err and "qlora" in err and "cannot be used here" in err
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_qlora_is_refused_before_any_weight_loads_where_4bit_cannot_run(tmp_path, tiny_model_dir, addition_data,
+                                                                        run_cli, monkeypatch, command):
+    """Where bitsandbytes cannot quantise (an old version on a CPU, or none), check and train exit 2 with what is
+    needed, and no weight file is opened."""
+    import ftcli.models
+    import ftcli.strategies
+
+    monkeypatch.setattr(ftcli.strategies, "qlora_support", lambda: "qlora on a CPU needs bitsandbytes >= 0.48")
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(ftcli.models, "load_model", no_weights)
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data, strategy={"name": "qlora", "r": 4})
+    code, out, err = run_cli(command, path)
+    assert code == 2 and "strategy qlora" in err and "bitsandbytes >= 0.48" in err
 
 
 @pytest.mark.parametrize("strategy", [

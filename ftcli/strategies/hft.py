@@ -138,7 +138,7 @@ class Hft(Strategy):
         return {"round_steps": self.round_steps, "rounds": len(self.history), "seed": self.seed,
                 "embeddings": self.params.embeddings, "frozen_fraction_last_round": round(frozen / max(total, 1), 4),
                 "selection_file": "hft_rounds.jsonl", "always_trained": self.always[:20],
-                "first_rounds": self.history[:3]}
+                "rounds_selected": self.history}
 
     def state_dict(self) -> dict:
         return {"round": self.round, "history": self.history}
