@@ -7,6 +7,10 @@ test. The data comes from the workspace's ../shared/data (never copied into the 
 the output folder.
 
     python scripts/evidence_strategies.py --steps 40 --out runs/evidence     # then see runs/evidence/strategies.md
+    python scripts/evidence_strategies.py --strategies full,hft,ewc@1 --lr 5e-5 --out runs/evidence-5e-5
+
+`ewc@L` is ewc (inner full) at λ = L (plain `ewc`: λ = 100). `--lr` sets the learning rate of full, hft and ewc
+(lora keeps its own, 5e-4).
 """
 
 from __future__ import annotations
@@ -32,14 +36,27 @@ STRATEGIES = {
 LR = {"full": 1e-5, "hft": 1e-5, "ewc": 1e-5, "lora": 5e-4}
 
 
+def strategy(name: str) -> dict:
+    """A strategy of the table, or `ewc@L`: ewc at λ = L."""
+    if name.startswith("ewc@"):
+        return {**STRATEGIES["ewc"], "lambda": float(name[4:])}
+    return STRATEGIES[name]
+
+
+def learning_rate(name: str, args) -> float:
+    base = name.split("@")[0]
+    return args.lr if args.lr is not None and base != "lora" else LR[base]
+
+
 def recipe(name: str, args) -> dict:
     return {
         "base_model": "smollm2-135m-instruct",
-        "strategy": STRATEGIES[name],
+        "strategy": strategy(name),
         "data": {"train": str(SHARED / "sst2" / "train.jsonl"), "validation": str(SHARED / "sst2" / "validation.jsonl"),
                  "format": "classification", "fields": {"label": "label_text"}, "limit": args.steps * args.batch,
                  "max_len": 256},
-        "training": {"max_steps": args.steps, "batch_size": args.batch, "lr": LR[name], "warmup": 0.1, "seed": 0,
+        "training": {"max_steps": args.steps, "batch_size": args.batch, "lr": learning_rate(name, args), "warmup": 0.1,
+                     "seed": 0,
                      "precision": args.precision},
         "eval": {"metrics": ["loss", "accuracy"], "limit": args.val_limit, "retention": [
             {"name": "alpaca test (loss)", "data": str(SHARED / "alpaca" / "test.jsonl"), "format": "alpaca",
@@ -47,7 +64,7 @@ def recipe(name: str, args) -> dict:
             {"name": "mmlu test (choice)", "data": str(args.mmlu), "format": "choice",
              "metric": "choice", "limit": args.retention_limit, "sample": 0},
         ]},
-        "output": str(Path(args.out) / name),
+        "output": str(Path(args.out) / name.replace("@", "-")),
     }
 
 
@@ -73,6 +90,7 @@ def main() -> None:
     ap.add_argument("--val-limit", type=int, default=200, help="SST-2 validation rows scored for accuracy")
     ap.add_argument("--retention-limit", type=int, default=100)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--lr", type=float, help="learning rate of full, hft and ewc (default 1e-5)")
     ap.add_argument("--out", default="runs/evidence")
     ap.add_argument("--markdown", type=Path, help="also write the table and the command to this file")
     args = ap.parse_args()
@@ -82,7 +100,7 @@ def main() -> None:
     dropped = readable_copy(SHARED / "mmlu" / "test.jsonl", args.mmlu)
     rows = []
     for name in args.strategies.split(","):
-        path = out / f"{name}.yaml"
+        path = out / f"{name.replace('@', '-')}.yaml"
         path.write_text(yaml.safe_dump(recipe(name, args), sort_keys=False))
         print(f"training {name} ...", flush=True)
         t0 = time.perf_counter()
@@ -91,17 +109,18 @@ def main() -> None:
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-3000:])
             raise SystemExit(f"{name} failed")
-        rep = json.loads((out / name / "report.json").read_text())
+        rep = json.loads((out / name.replace("@", "-") / "report.json").read_text())
         ret = {r["name"]: r for r in rep["retention"]}
         rows.append((name, rep, ret, time.perf_counter() - t0))
         print(f"  done in {rows[-1][3]:.0f} s", flush=True)
-    head = ["| strategy | trainable params | SST-2 val accuracy (before → after) | Alpaca test loss (before → after) "
-            "| MMLU sample accuracy (before → after) | wall s |", "| --- | ---: | --- | --- | --- | ---: |"]
+    head = ["| strategy | lr | trainable params | SST-2 val accuracy (before → after) | Alpaca test loss (before → after) "
+            "| MMLU sample accuracy (before → after) | wall s |", "| --- | ---: | ---: | --- | --- | --- | ---: |"]
     lines = list(head)
     for name, rep, ret, wall in rows:
         b, a = rep["before"], rep["after"]
         al, mm = ret["alpaca test (loss)"], ret["mmlu test (choice)"]
-        lines.append(f"| {name} | {rep['parameters']['trainable']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
+        label = f"ewc λ={name[4:]}" if name.startswith("ewc@") else name
+        lines.append(f"| {label} | {learning_rate(name, args):g} | {rep['parameters']['trainable']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
                      f"{al['before']:.4f} → {al['after']:.4f} ({al['change']:+.4f}) | "
                      f"{mm['before']:.3f} → {mm['after']:.3f} ({mm['change']:+.3f}) | {wall:.0f} |")
     cmd = "python scripts/evidence_strategies.py " + " ".join(sys.argv[1:])
