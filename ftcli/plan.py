@@ -38,13 +38,11 @@ def memory_estimate(recipe, model, trainable: int, total: int, optimized: int | 
     cfg = model.config
     layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
     s = recipe.strategy
+    linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
+                 if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
     if s.name == "qlora":
-        linear = sum(m.weight.numel() for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
         weights = linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - linear) * 4 + trainable * 4
-    elif s.name == "lora" and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16
-        linear = sum(m.weight.numel() for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+    elif s.name == "lora" and recipe.training.precision == "bf16":  # stored in bf16 (strategies/lora.py)
         weights = linear * 2 + (total - linear) * 4
     else:
         weights = total * 4
