@@ -99,6 +99,20 @@ def test_bad_recipe_exits_2_with_key_path_and_no_traceback(tmp_path, run_cli):
     assert "Traceback" not in err + out
 
 
+def test_debug_shows_the_traceback_and_python_m_runs_the_same_cli(tmp_path):
+    """`ftcli --debug` shows the traceback of a bad recipe; `python -m ftcli` is the same command."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "d.jsonl"}, "training": {"batch_sise": 4}}))
+    plain = subprocess.run([sys.executable, "-m", "ftcli", "check", str(path)], capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "ftcli", "--debug", "check", str(path)], capture_output=True,
+                           text=True)
+    assert plain.returncode == 2 and "training.batch_sise" in plain.stderr and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "training.batch_sise" in debug.stderr
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
     r = recipe_mod.load(path)
