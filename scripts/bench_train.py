@@ -182,7 +182,7 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--worker", system, "--strategy", strategy, "--rows", str(args.rows),
                "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
-               "--tmp", tmp, "--result", str(out), *extra]
+               "--tmp", tmp, "--result", str(out), "--seed", str(args.seed), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.update(kv.split("=", 1) for flag, kv in zip(extra, extra[1:]) if flag == "--env")
         t0 = time.perf_counter()
