@@ -57,8 +57,10 @@ def loss_metrics(model, encoded, *, batch_size: int, pad_id: int, packing: bool,
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
-             stop_ids: list[int] | None = None, autocast=nullcontext) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens."""
+             stop_ids: list[int] | None = None, autocast=nullcontext, sample_seed: int | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens.
+    With `sample_seed`: sampled from the model's own distribution instead (temperature 1, no top-k/top-p),
+    reproducibly for the seed."""
     was_training = model.training
     model.eval()
     device = _device(model)
@@ -66,7 +68,13 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     stops = stop_ids or [tokenizer.eos_token_id]
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sampling = {"do_sample": False} if sample_seed is None else {"do_sample": True, "temperature": 1.0, "top_k": 0,
+                                                                  "top_p": 1.0}
+    rng = torch.random.fork_rng(devices=[]) if sample_seed is not None else nullcontext()  # callers' RNG untouched
+    rng.__enter__()
     try:
+        if sample_seed is not None:
+            torch.manual_seed(sample_seed)
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             width = max(len(prompts[i]) for i in idx)
@@ -78,11 +86,12 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             with autocast():
                 out = model.generate(
                     input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                    eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling,
                 )
             for r, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     finally:
+        rng.__exit__(None, None, None)
         model.train(was_training)
     return outputs
 

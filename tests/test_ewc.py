@@ -118,3 +118,18 @@ def test_lora_inner_penalises_the_effective_weight_change(tmp_path, tiny_model_d
             expected += float((f * delta.pow(2)).sum().detach())
     assert s.extra_loss(model, None).item() == pytest.approx(0.5 * 2.0 * expected, rel=1e-5)
     assert len(s.terms) == 2  # q_proj of both blocks
+
+
+def test_fisher_answers_are_sampled_from_the_base_reproducibly(tiny_model_dir, tiny_tokenizer):
+    """With no retention set named, the Fisher uses the base model's own answers, sampled (not greedy): the same
+    seed gives the same answers, another seed other ones, and greedy decoding is unchanged."""
+    from ftcli.evaluate import generate
+
+    model = load_model(str(tiny_model_dir))
+    prompts = [tiny_tokenizer(f"what is {i} + 1").input_ids for i in range(6)]
+    greedy = generate(model, tiny_tokenizer, prompts, max_new_tokens=8)
+    a = generate(model, tiny_tokenizer, prompts, max_new_tokens=8, sample_seed=0)
+    b = generate(model, tiny_tokenizer, prompts, max_new_tokens=8, sample_seed=0)
+    c = generate(model, tiny_tokenizer, prompts, max_new_tokens=8, sample_seed=1)
+    assert a == b and a != c and a != greedy
+    assert generate(model, tiny_tokenizer, prompts, max_new_tokens=8) == greedy

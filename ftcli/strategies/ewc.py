@@ -27,7 +27,7 @@ from ftcli.strategies.full import FullParams
 from ftcli.strategies.hft import HftParams
 from ftcli.strategies.lora import LoraParams
 
-FISHER_VERSION = "1"
+FISHER_VERSION = "2"  # 2: self-generated answers are sampled, not greedy
 InnerParams = Annotated[Union[FullParams, FrozenParams, HftParams, LoraParams], Field(discriminator="name")]
 
 
@@ -153,12 +153,15 @@ class Ewc(Strategy):
         if train[0].messages is None:  # completion data: no prompt to answer; the text itself
             return train, "training text (completion format)"
         encoder = self._encoder(ctx)
-        ctx.log(f"ewc: generating the base model's answers to {len(train)} training prompts for the Fisher")
+        seed = ctx.recipe.training.seed
+        ctx.log(f"ewc: sampling the base model's answers to {len(train)} training prompts for the Fisher")
+        # sampled, not greedy: the Fisher is an expectation over the model's own distribution (Kirkpatrick et al.)
         answers = generate(model, ctx.tokenizer, [encoder.prompt_ids(ex.prompt) for ex in train],
-                           max_new_tokens=p.fisher_max_new_tokens, stop_ids=stop_token_ids(ctx.tokenizer, encoder))
+                           max_new_tokens=p.fisher_max_new_tokens, stop_ids=stop_token_ids(ctx.tokenizer, encoder),
+                           sample_seed=seed)
         rows = [replace(ex, messages=ex.prompt + [{"role": "assistant", "content": a or "."}], choices=None, gold=None)
                 for ex, a in zip(train, answers)]
-        return rows, "base model's own answers to the training prompts"
+        return rows, f"base model's own sampled answers to the training prompts (seed {seed})"
 
     def _cache_key(self, ctx: Context, examples) -> str:
         from ftcli.models import resolve
