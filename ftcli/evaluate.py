@@ -71,27 +71,26 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     sampling = {"do_sample": False} if sample_seed is None else {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                                   "top_p": 1.0}
     rng = torch.random.fork_rng(devices=[]) if sample_seed is not None else nullcontext()  # callers' RNG untouched
-    rng.__enter__()
     try:
-        if sample_seed is not None:
-            torch.manual_seed(sample_seed)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]) :] = 1
-            with autocast():
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling,
-                )
-            for r, i in enumerate(idx):
-                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+        with rng:
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed)
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                width = max(len(prompts[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):
+                    ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                    mask[r, width - len(prompts[i]) :] = 1
+                with autocast():
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                        eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling,
+                    )
+                for r, i in enumerate(idx):
+                    outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     finally:
-        rng.__exit__(None, None, None)
         model.train(was_training)
     return outputs
 

@@ -37,5 +37,17 @@ def tune_allocator() -> bool:
         return False
 
 
+def autocast(precision: str, device_type: str = "cpu"):
+    """A context factory for `precision`: torch's bf16 autocast on `device_type`, or nothing (fp32). Used by
+    training, scoring and the benchmark alike, so every path computes bf16 the same way."""
+    from contextlib import nullcontext
+
+    if precision != "bf16":
+        return nullcontext
+    import torch
+
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -150,16 +150,15 @@ def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template
     """Score each model of `specs` (one at a time, freed in between) on the same rows of `es`."""
     import gc
 
-    import torch
-
     from ftcli.data import load_examples
+    from ftcli.runtime import autocast as autocast_for
     from ftcli.runtime import tune_allocator
 
     tune_allocator()
 
     examples = load_examples(es.data, es.format, es.fields, split=es.split, limit=es.limit,
                              instruction=es.instruction, sample_seed=es.sample_seed)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    autocast = autocast_for(precision)
     results = {}
     for spec in specs:
         target = load_target(spec, base=base if spec == specs[0] else None, allow_pickle=allow_pickle, log=log)

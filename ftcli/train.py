@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import signal
-from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable
 import torch
 
 from ftcli import checkpoint, report, scoring
+from ftcli.runtime import autocast as autocast_for
 from ftcli.runtime import peak_rss_mb, tune_allocator
 from ftcli.data import DataBundle
 from ftcli.data.batching import collate, plan_epoch
@@ -217,7 +217,7 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     if t.compile:
         causal_lm(model).get_decoder().compile(dynamic=True)
     device = accelerator.device
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if t.precision == "bf16" else nullcontext
+    autocast = autocast_for(t.precision, device.type)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     d = recipe.data
     pack_len = d.max_len

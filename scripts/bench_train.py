@@ -155,17 +155,13 @@ def full_logits_nll_sum(model, batch):
 
 def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
     """Timings without the warm-up steps, and validation loss on held-back rows by one shared function."""
-    from contextlib import nullcontext
-
-    import torch
-
     from ftcli.evaluate import loss_metrics
+    from ftcli.runtime import autocast as autocast_for
 
     val = encoded_rows(tokenizer, DATA / "test.jsonl", 0, args.val_rows, args.max_len)
     pad = tokenizer.pad_token_id
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" else nullcontext
     vloss = loss_metrics(model, val, batch_size=8, pad_id=pad, packing=False, pack_len=args.max_len,
-                         autocast=autocast)["loss"]  # at the run's own precision
+                         autocast=autocast_for(args.precision))["loss"]  # at the run's own precision
     t, n = sum(times[WARMUP:]), sum(tokens[WARMUP:])
     return {"steps": len(times), "measured_steps": len(times) - WARMUP, "tokens_per_s": n / t,
             "s_per_step": t / max(len(times) - WARMUP, 1),
