@@ -30,6 +30,21 @@ def write_json(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
+def file(path: Path):
+    """Yield a temporary path beside `path` for a writer that takes a file name; on success it replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def folder(path: Path):
     """Yield a temporary sibling folder; on success it replaces `path` (an existing `path` is removed)."""
     path = Path(path)

@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import typer
 
+from ftcli.vocab import METRICS, SFT_FORMATS, ordered
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -44,8 +46,10 @@ def train(
     """Train a recipe: validate, build, train, validate on held-out rows, write the run folder."""
     from ftcli import recipe as recipe_mod
     from ftcli import train as train_mod
+    from ftcli.runtime import tune_allocator
 
     r = recipe_mod.load(recipe, set_)
+    tune_allocator()  # a process-wide malloc setting: the command's to make, not the library's
     console = _console()
     run_dir = train_mod.run(r, output=output or recipe_mod.default_output(r), resume=resume, overwrite=overwrite,
                             allow_pickle=allow_pickle, console=console)
@@ -104,10 +108,9 @@ def _print_plan(console, r, p) -> None:
 def eval_(
     model: str = typer.Argument(..., help="a built-in alias, a model folder, a run folder, or an adapter (with --base)"),
     data: Path = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet rows to score"),
-    format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | chat | completion | classification | choice"),
+    format: str = typer.Option("alpaca", "--format", "-f", help=" | ".join(SFT_FORMATS)),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m",
-                                          help="comma-separated: loss, perplexity, exact_match, rougeL, numeric, "
-                                               "accuracy, choice (default: by format)"),
+                                          help=f"comma-separated: {', '.join(METRICS)} (default: by format)"),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="score only N rows (the first N)"),
     sample: Optional[int] = typer.Option(None, "--sample", help="with --limit: a random sample drawn with this seed"),
     compare: Optional[str] = typer.Option(None, "--compare", help="a second model (OTHER) scored on the same rows; change = MODEL − OTHER"),
@@ -124,15 +127,17 @@ def eval_(
     """Score a model, a run or an adapter on a dataset; --compare puts a second model beside it."""
     from ftcli import scoring
     from ftcli.errors import UserError
+    from ftcli.runtime import tune_allocator
 
+    tune_allocator()
     fields = {}
     for item in field:
         if "=" not in item:
             raise UserError(f"--field {item!r}: expected name=column")
         k, v = item.split("=", 1)
         fields[k.strip()] = v.strip()
-    if format not in scoring.DEFAULT_METRICS:
-        raise UserError(f"--format {format!r}: choose from {', '.join(scoring.DEFAULT_METRICS)}")
+    if format not in SFT_FORMATS:
+        raise UserError(f"--format {format!r}: choose from {', '.join(SFT_FORMATS)}")
     es = scoring.EvalSet(data=str(data), format=format, fields=fields, limit=limit, sample_seed=sample,
                          metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else [],
                          instruction=instruction)
@@ -183,8 +188,8 @@ def _print_run_summary(console, run_dir: Path) -> None:
     s = json.loads((run_dir / "report.json").read_text())
     b, a = s.get("before", {}), s.get("after", {})
     console.print(f"[bold]run folder:[/] {run_dir}")
-    for key in ("loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice"):
-        if key in b and key in a:
+    for key in ordered(a):
+        if isinstance(b.get(key), float) and isinstance(a.get(key), float) and key != "rows_per_s":
             console.print(f"validation {key}: {b[key]:.4f} → {a[key]:.4f}")
     for row in s.get("retention") or []:
         if row.get("before") is not None and row.get("after") is not None:

@@ -18,7 +18,7 @@ import math
 import re
 import string
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -27,6 +27,21 @@ from ftcli.loss import causal_lm, hidden_states, nll_sum
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block, its training flag restored after (also on an error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def normalize(text: str) -> str:
@@ -39,18 +54,14 @@ def normalize(text: str) -> str:
 def loss_metrics(model, encoded, *, batch_size: int, pad_id: int, packing: bool, pack_len: int,
                  autocast=nullcontext) -> dict:
     """Token-weighted loss and perplexity over `encoded` rows."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
+    device = model_device(model)
     total, n = 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in eval_batches(encoded, batch_size, pad_id, packing, pack_len):
             batch = to_device(batch, device)
             with autocast():
                 total += float(nll_sum(model, batch))
             n += batch.n_trained
-    finally:
-        model.train(was_training)
     loss = total / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "trained_tokens": n}
 
@@ -61,17 +72,17 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens.
     With `sample_seed`: sampled from the model's own distribution instead (temperature 1, no top-k/top-p),
     reproducibly for the seed."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from ftcli.data.tokenize import pad_id
+
+    device = model_device(model)
+    pad = pad_id(tokenizer)
     stops = stop_ids or [tokenizer.eos_token_id]
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     sampling = {"do_sample": False} if sample_seed is None else {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                                   "top_p": 1.0}
     rng = torch.random.fork_rng(devices=[]) if sample_seed is not None else nullcontext()  # callers' RNG untouched
-    try:
+    with eval_mode(model):
         with rng:
             if sample_seed is not None:
                 torch.manual_seed(sample_seed)
@@ -90,8 +101,6 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                     )
                 for r, i in enumerate(idx):
                     outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
     return outputs
 
 
@@ -140,7 +149,6 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
 
 
 GENERATION_METRICS = {"exact_match": exact_match, "rougeL": rouge_l, "numeric": numeric_match}
-CHOICE_METRICS = ("accuracy", "choice")
 
 
 def generation_metrics(model, tokenizer, encoder, examples, metrics: list[str], *, max_new_tokens: int,
@@ -171,6 +179,8 @@ def choice_scores(model, encoder, examples, *, batch_size: int = 16, autocast=nu
     """
     from dataclasses import replace
 
+    from ftcli.data.tokenize import pad_id
+
     trees = []
     for ex in examples:
         if not ex.choices:
@@ -178,12 +188,10 @@ def choice_scores(model, encoder, examples, *, batch_size: int = 16, autocast=nu
         variants = [replace(ex, messages=ex.prompt + [{"role": "assistant", "content": c}]) for c in ex.choices]
         trees.append(_tree([e for e in encoder.encode_all(variants)[0]]))
     scores = [[-math.inf] * len(ex.choices) for ex in examples]
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos_id
+    device = model_device(model)
+    pad = pad_id(encoder.tokenizer)
     order = sorted(range(len(trees)), key=lambda i: len(trees[i][0]))
-    try:
+    with eval_mode(model):
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             width = max(len(trees[i][0]) for i in idx)
@@ -205,8 +213,6 @@ def choice_scores(model, encoder, examples, *, batch_size: int = 16, autocast=nu
             logp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(tgt, device=device)[:, None])
             for (i, choice), v in zip(slot, logp[:, 0].tolist()):
                 scores[i][choice] = (0.0 if scores[i][choice] == -math.inf else scores[i][choice]) + v
-    finally:
-        model.train(was_training)
     return scores
 
 
@@ -232,7 +238,7 @@ def _tree(encoded: list) -> tuple[list[int], list[int], torch.Tensor, list[tuple
         spans.append((start, len(ids)))
     n = len(ids)
     mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    for a, (s0, e0) in enumerate(spans):  # a tail does not see the tails before it
+    for s0, e0 in spans:  # a tail does not see the tails before it
         mask[s0:e0, k:s0] = False
     return ids, pos, mask, scored
 
@@ -246,14 +252,11 @@ def choice_accuracy(model, encoder, examples, *, batch_size: int = 16, autocast=
             "rows_per_s": len(examples) / max(time.perf_counter() - t0, 1e-9)}
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def to_device(batch, device):
     if batch.input_ids.device == device:
         return batch
     from dataclasses import replace
 
     return replace(batch, input_ids=batch.input_ids.to(device), labels=batch.labels.to(device),
-                   position_ids=batch.position_ids.to(device))
+                   position_ids=batch.position_ids.to(device),
+                   seq_ids=batch.seq_ids.to(device) if batch.seq_ids is not None else None)

@@ -13,7 +13,6 @@ compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,8 @@ class ExportResult:
 
 def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwrite: bool = False,
            allow_pickle: bool = False, log=print) -> ExportResult:
-    import yaml
-
     from ftcli import models
+    from ftcli.run_folder import RunFolder
 
     if (run is None) == (adapter is None):
         raise UserError("give a run folder (ftcli export RUN --out DIR) or --adapter FILE --base MODEL, not both")
@@ -55,25 +53,19 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
 
-    template, fmt, strategy, model_dir, adapter_dir, quant = None, "chat", None, None, None, {}
+    template, fmt, strategy, model_dir, adapter_dir, loading = None, "chat", None, None, None, {}
     if run is not None:
-        run = Path(run)
-        recipe_file = run / "recipe.resolved.yaml"
-        recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
-        data = recipe.get("data") or {}
-        template, fmt = data.get("chat_template"), data.get("format", "chat")
-        strategy = (recipe.get("strategy") or {}).get("name")
-        if strategy == "qlora":  # the base as trained, its products in float32
-            q = recipe["strategy"]
-            quant = {"quantization": q.get("quant_type", "nf4"), "double_quant": q.get("double_quant", True),
-                     "compute_dtype": "float32"}
-        if (run / "model" / "config.json").is_file():
-            model_dir = run / "model"
-        elif (run / "adapter" / "adapter_config.json").is_file():
-            adapter_dir = run / "adapter"
-            base = base or recipe.get("base_model") or models.adapter_base(adapter_dir)
+        folder = RunFolder(run)
+        artifact = folder.require_artifact()
+        if folder.saved:
+            recipe = folder.recipe
+            template, fmt, strategy = recipe.data.chat_template, recipe.data.format, recipe.strategy.name
+            loading = folder.strategy.base_loading(for_export=True)  # the base as trained, products in float32
+        if folder.kind == "model":
+            model_dir = artifact
         else:
-            raise UserError(f"{run}: not a finished run folder (no adapter/ or model/ inside)")
+            adapter_dir = artifact
+            base = base or folder.base_model
         source = str(run)
     else:
         from ftcli.merge import adapter_paths
@@ -86,15 +78,16 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             (adapter_dir / "adapter_config.json").symlink_to(config.resolve())
         base = base or models.adapter_base(adapter_dir)
         source = str(adapter)
+    quantized = bool(loading.get("quantization"))
 
     if model_dir is not None:
         log(f"{run}: a full-weights run; nothing to fold, re-saving {model_dir} with its generation settings")
         model = models.load_model(str(model_dir), allow_pickle=allow_pickle, log=log)
         tokenizer = models.load_tokenizer(str(model_dir), log=log)
     else:
-        if quant:
-            log("qlora run: folding the adapter into its 4-bit base de-quantised to float32, not into 4-bit weights")
-        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **quant)
+        if quantized:
+            log("4-bit base: folding the adapter into it de-quantised to float32, not into 4-bit weights")
+        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading)
         tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = models.load_tokenizer(tok_src, allow_pickle=allow_pickle, log=log)
     template_text = _chat_template(tokenizer, template, fmt)
@@ -113,9 +106,10 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
 
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         reference = _logits(peft_model, prompts)  # base + adapter, unmerged
-        if quant:  # the same 4-bit base, de-quantised to float32, then the adapter folded in
+        if quantized:  # the same 4-bit base, de-quantised to float32, then the adapter folded in
             del peft_model, model
-            model = models.load_model(base, allow_pickle=allow_pickle, log=log, **quant).dequantize(dtype=torch.float32)
+            model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading).dequantize(
+                dtype=torch.float32)
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         folded = peft_model.merge_and_unload()
     folded.config.use_cache = True
@@ -184,7 +178,3 @@ def _logits(model, prompts):
     model.eval()
     with torch.no_grad():
         return [model(input_ids=ids).logits.float() for ids in prompts]
-
-
-def read_export_report(folder: Path) -> dict:
-    return json.loads((Path(folder) / EXPORT_FILE).read_text(encoding="utf-8"))

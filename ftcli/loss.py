@@ -1,9 +1,10 @@
-"""The training loss: summed next-token NLL over trained positions only.
+"""Losses over the trained positions of a batch: summed next-token NLL, and per-token log-probabilities.
 
 The output head runs only at positions whose next token is trained, so the [rows, length, vocab] logits tensor
 is never built (for a 49k vocabulary that tensor and its gradient dominate memory). Long selections go through
-the head in chunks under activation checkpointing, which bounds the logits memory to one chunk. `plain_nll_sum`
-is the textbook computation (full logits, shifted labels) kept as the reference the tests compare against.
+the head in chunks under activation checkpointing, which bounds the logits memory to one chunk (`map_head`; the
+objectives compute their own per-token terms through it). `plain_nll_sum` is the textbook computation (full
+logits, shifted labels) kept as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -33,27 +34,62 @@ def hidden_states(model, input_ids, position_ids, attention_mask=None, example_b
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def _head_nll(head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), targets, reduction="sum")
+def trained_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states [n, hidden] of the positions that predict a trained token, those tokens [n]), in row-major
+    order: the order of `batch.trained_sequence()`."""
+    h = hidden_states(model, batch.input_ids, batch.position_ids, example_bounds=batch.example_bounds)[:, :-1]
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    return h[keep], targets[keep]
+
+
+def _apply_head(head, fn, h, *aligned):
+    return fn(head(h).float(), *aligned)
+
+
+def map_head(model, h: torch.Tensor, fn, *aligned: torch.Tensor) -> torch.Tensor:
+    """`fn(logits [n, vocab] float32, *aligned[n, ...])` over chunks of the positions `h`; per-token results are
+    concatenated, scalar results summed. With gradients each chunk is checkpointed (its logits are recomputed in
+    backward instead of kept)."""
+    head = causal_lm(model).get_output_embeddings()
+    grad = torch.is_grad_enabled()
+    chunk = HEAD_CHUNK if grad else SCORE_CHUNK
+    if h.shape[0] <= chunk:
+        return _apply_head(head, fn, h, *aligned)
+    parts = []
+    for s in range(0, h.shape[0], chunk):
+        args = (head, fn, h[s : s + chunk], *(a[s : s + chunk] for a in aligned))
+        parts.append(checkpoint(_apply_head, *args, use_reentrant=False) if grad else _apply_head(*args))
+    return torch.cat(parts) if parts[0].ndim else torch.stack(parts).sum()
+
+
+def _nll(logits, targets):
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _logp(logits, targets):
+    return -F.cross_entropy(logits, targets, reduction="none")
 
 
 def nll_sum(model, batch) -> torch.Tensor:
     """Σ −log p(token) over the batch's trained tokens (each predicted from the positions before it)."""
-    lm = causal_lm(model)
-    h = hidden_states(model, batch.input_ids, batch.position_ids, example_bounds=batch.example_bounds)[:, :-1]
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    h, targets = h[keep], targets[keep]
-    head = lm.get_output_embeddings()
-    grad = torch.is_grad_enabled()  # without gradients (scoring) the chunks need no checkpoint
-    chunk = HEAD_CHUNK if grad else SCORE_CHUNK
-    if h.shape[0] <= chunk:
-        return _head_nll(head, h, targets)
-    total = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[0], chunk):
-        part = (head, h[s : s + chunk], targets[s : s + chunk])
-        total = total + (checkpoint(_head_nll, *part, use_reentrant=False) if grad else _head_nll(*part))
-    return total
+    h, targets = trained_hidden(model, batch)
+    return map_head(model, h, _nll, targets)
+
+
+def token_logps(model, batch) -> torch.Tensor:
+    """log p(token) of every trained token [n], in the order of `batch.trained_sequence()`."""
+    h, targets = trained_hidden(model, batch)
+    return map_head(model, h, _logp, targets)
+
+
+def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log p over each sequence's trained tokens [sequences], trained tokens per sequence [sequences])."""
+    seq = batch.trained_sequence()
+    logp = token_logps(model, batch)
+    n = batch.n_sequences
+    sums = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    return sums, torch.bincount(seq, minlength=n)
 
 
 def plain_nll_sum(model, batch) -> torch.Tensor:
@@ -63,4 +99,3 @@ def plain_nll_sum(model, batch) -> torch.Tensor:
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
         ignore_index=-100, reduction="sum",
     )
-

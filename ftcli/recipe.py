@@ -9,6 +9,7 @@ Relative data paths resolve against the recipe file's folder; `output` resolves 
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -16,9 +17,13 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ftcli import objectives, strategies
 from ftcli.errors import UserError
-from ftcli.strategies import REGISTRY, StrategyParams
+from ftcli.objectives import ObjectiveSettings
+from ftcli.objectives.sft import SftParams
+from ftcli.strategies import StrategyParams
 from ftcli.strategies.lora import LoraParams
+from ftcli.vocab import SFT_FORMATS, Format, Metric, metric_problem
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -45,18 +50,25 @@ class RetentionSet(_Section):
     """A dataset scored before and after training to measure forgetting."""
 
     data: str
-    format: Literal["alpaca", "chat", "completion", "choice", "classification"] = "alpaca"
-    metric: Literal["loss", "perplexity", "exact_match", "accuracy", "choice", "rougeL", "numeric"] = "loss"
+    format: Literal[SFT_FORMATS] = "alpaca"
+    metric: Metric = "loss"
     name: str | None = None
     instruction: str | None = None
     limit: int | None = Field(200, ge=1, description="rows scored (the first N); null for all")
     sample: int | None = Field(None, description="with limit: a random sample of rows drawn with this seed")
     fields: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _metric_fits_format(self) -> "RetentionSet":
+        problem = metric_problem(self.format, self.metric)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class Data(_Section):
     train: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
-    format: Literal["alpaca", "chat", "completion", "classification", "choice"] = "chat"
+    format: Format = Field("chat", description="default: chat, or preference for objective dpo")
     validation: Union[float, str, None] = Field(
         0.1, description="a fraction of train held out (seeded), a file, or null for none"
     )
@@ -110,8 +122,8 @@ class Training(_Section):
 
 class Eval(_Section):
     every: int | None = Field(None, ge=1, description="steps between validation passes; null: before and after only")
-    metrics: list[Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice"]] = [
-        "loss", "perplexity"]
+    metrics: list[Metric] = Field(["loss", "perplexity"], description="default: loss and perplexity ([loss] for "
+                                  "preference rows)")
     max_new_tokens: int = Field(64, ge=1)
     limit: int | None = Field(200, ge=1, description="validation rows used for generation metrics")
     retention: list[RetentionSet] = Field(default_factory=list)
@@ -128,6 +140,7 @@ class Recipe(_Section):
     base_model: str = DEFAULT_BASE_MODEL
     trust_remote_code: bool = False
     strategy: StrategyParams = Field(default_factory=LoraParams)
+    objective: ObjectiveSettings = Field(default_factory=SftParams)
     data: Data
     training: Training = Field(default_factory=Training)
     eval: Eval = Field(default_factory=Eval)
@@ -137,15 +150,37 @@ class Recipe(_Section):
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
-    def _generation_metrics_need_chat(self) -> "Recipe":
-        gen = {"exact_match", "rougeL", "numeric", "accuracy"} & set(self.eval.metrics)
-        if gen and self.data.format == "completion":
-            raise ValueError(f"eval.metrics {sorted(gen)} need a prompt and an answer; data.format 'completion' has none")
+    def _formats_and_metrics_agree(self) -> "Recipe":
+        """The objective takes the data's format, and the format can be scored with every eval metric: checked
+        here once, so `ftcli check` refuses what `train` would (unset format and metrics follow the objective)."""
+        accepted = objectives.of(self.objective).formats
+        if "format" not in self.data.model_fields_set and self.data.format not in accepted:
+            self.data.format = accepted[0]
+        if self.data.format not in accepted:
+            raise ValueError(f"data.format {self.data.format!r}: objective {self.objective.name} trains on "
+                             f"{' or '.join(accepted)} rows")
+        if "metrics" not in self.eval.model_fields_set:
+            self.eval.metrics = [m for m in self.eval.metrics if not metric_problem(self.data.format, m)]
+        for m in self.eval.metrics:
+            problem = metric_problem(self.data.format, m)
+            if problem:
+                raise ValueError(f"eval.metrics: {problem}")
         return self
 
     def pass_positions(self) -> int:
         """Most positions (rows × length) one forward/backward pass computes; a row longer than that is one pass."""
         return max(self.training.pass_tokens or PASS_TOKENS, self.data.max_len)
+
+    def total_steps(self, n_train: int) -> tuple[int, int]:
+        """(optimiser steps in the run, steps per epoch) for `n_train` training rows."""
+        t = self.training
+        per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accum))
+        steps = t.max_steps if t.max_steps else max(1, math.floor(per_epoch * t.epochs))
+        return steps, per_epoch
+
+    def warmup_steps(self, steps: int) -> int:
+        w = self.training.warmup
+        return int(round(w * steps)) if w < 1 else int(w)
 
     def to_yaml(self, extra: dict | None = None) -> str:
         doc = self.model_dump(mode="json", exclude={"source"}, by_alias=True)
@@ -285,11 +320,12 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
         return "required key is missing"
     if kind == "union_tag_invalid":
         tag, expected = err["ctx"]["tag"], err["ctx"].get("expected_tags", "")
-        if tag in REGISTRY:  # a real strategy where only some are allowed (ewc's inner)
+        what, registry = _registry_at(path)
+        if tag in registry:  # a real strategy where only some are allowed (ewc's inner)
             return f"'{tag}' cannot be used here; allowed: {expected}"
-        return f"unknown strategy '{tag}'; choose one of: {', '.join(REGISTRY)}"
+        return f"unknown {what} '{tag}'; choose one of: {', '.join(registry)}"
     if kind == "union_tag_not_found":
-        return f"needs a 'name:' (one of: {', '.join(REGISTRY)})"
+        return f"needs a 'name:' (one of: {', '.join(_registry_at(path)[1])})"
     if kind == "literal_error":
         return f"got {err['input']!r}; allowed: {err['ctx']['expected']}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
@@ -297,6 +333,13 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
     return f"{msg} (got {err['input']!r})" if not isinstance(err.get("input"), dict) else msg
+
+
+def _registry_at(path: list) -> tuple[str, dict]:
+    """The registry of the named section at `path`: objectives under `objective`, else strategies."""
+    if path and str(path[0]) == "objective":
+        return "objective", objectives.REGISTRY
+    return "strategy", strategies.REGISTRY
 
 
 def _type_word(kind: str) -> str:
@@ -329,14 +372,16 @@ def _clean_path(loc: tuple, raw: dict) -> tuple[list, type[BaseModel] | None]:
                 path.append(part)
                 model = inner.model_fields[part].annotation
                 continue
-            if part in REGISTRY and path and path[-1] == "strategy":
-                model = REGISTRY[part][0]
+            registry = _registry_at(path)[1]
+            if part in registry and path and path[-1] in ("strategy", "objective"):
+                model = registry[part][0]
                 continue
             if part == "inner" or part not in _type_names():
                 path.append(part)  # an unknown key: its parent model is `inner`
                 return path, inner
-        if part in REGISTRY:
-            model = REGISTRY[part][0]
+        registry = _registry_at(path)[1]
+        if part in registry:
+            model = registry[part][0]
             continue
         # a union member label such as 'float' or 'list[str]': not part of the user's path
     end = _unwrap(model)
@@ -384,9 +429,10 @@ def _unwrap(annotation: Any, item: bool = False) -> Any:
 def _where_key_belongs(name: str, parent: list) -> str | None:
     """If `name` is a key of another section, return that section's path (e.g. 'training')."""
     sections = {"": Recipe, "data": Data, "training": Training, "eval": Eval}
-    for _, (params, _cls) in REGISTRY.items():
-        if name in params.model_fields and name != "name":
-            sections.setdefault("strategy", params)
+    for section, registry in (("strategy", strategies.REGISTRY), ("objective", objectives.REGISTRY)):
+        for _, (params, _cls) in registry.items():
+            if name in params.model_fields and name != "name":
+                sections.setdefault(section, params)
     here = ".".join(str(p) for p in parent)
     for section, model in sections.items():
         if section != here and name in model.model_fields and name != "source":

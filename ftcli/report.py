@@ -9,31 +9,9 @@ from importlib import metadata
 from pathlib import Path
 
 from ftcli import atomic
-from ftcli.errors import UserError
+from ftcli.vocab import ordered
 
-RECIPE_FILE = "recipe.resolved.yaml"
 METRICS_FILE = "metrics.jsonl"
-
-
-def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create the run folder; an existing one is used only with --resume and replaced only with --overwrite."""
-    path = Path(path)
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other: choose one")
-    if path.exists() and any(path.iterdir()):
-        if overwrite:
-            import shutil
-
-            shutil.rmtree(path)
-        elif not resume:
-            raise UserError(
-                f"run folder {path} already exists. Use --resume to continue it, --overwrite to replace it, "
-                "or --output to write elsewhere."
-            )
-    elif resume:
-        raise UserError(f"--resume: run folder {path} does not exist (nothing to resume)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def versions() -> dict:
@@ -58,10 +36,6 @@ def git_commit() -> str | None:
     if sha.returncode != 0:
         return None
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def write_resolved_recipe(run_dir: Path, recipe) -> None:
-    atomic.write_text(Path(run_dir) / RECIPE_FILE, recipe.to_yaml(extra={"versions": versions()}))
 
 
 class MetricsLog:
@@ -136,7 +110,7 @@ def _fmt(v, digits: int = 4) -> str:
     if isinstance(v, float):
         if abs(v) >= 1000:
             return f"{v:,.0f}"
-        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{digits}g}"
+        return f"{v:.{digits}g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
@@ -161,7 +135,8 @@ def render_markdown(s: dict) -> str:
     run, thr, params = s["run"], s["throughput"], s["parameters"]
     out = [f"# ftcli run: {run['name']}", ""]
     out += [
-        f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` on "
+        f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` · "
+        f"objective `{run.get('objective', 'sft')}` on "
         f"`{run['base_model']}` · wall time {run['wall_s']:.0f} s"
         + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else ""),
         "",
@@ -171,7 +146,8 @@ def render_markdown(s: dict) -> str:
     before, after = s.get("before", {}), s.get("after", {})
     if before or after:
         out += ["## Validation: before and after training", ""]
-        keys = [k for k in ("loss", "perplexity", "exact_match", "accuracy", "choice", "rougeL", "numeric") if k in before or k in after]
+        keys = [k for k in ordered({**before, **after}) if isinstance((after or before).get(k), float)
+                and k != "rows_per_s"]
         out += metrics_table(before, after, keys)
         if s.get("best"):
             out += ["", f"Best validation loss {s['best']['loss']:.4f} at step {s['best']['step']}."]
@@ -217,6 +193,8 @@ def render_markdown(s: dict) -> str:
         details = {k: v for k, v in s["strategy_details"].items() if k != "rounds_selected"}
         out += ["", "## Strategy details", "", "```json", json.dumps(details, indent=1), "```"]
         out += _rounds_table(s["strategy_details"].get("rounds_selected") or [])
+    if s.get("objective_details"):
+        out += ["", "## Objective details", "", "```json", json.dumps(s["objective_details"], indent=1), "```"]
     out += ["", "## Recipe (resolved)", "", "```yaml", s["recipe_yaml"].rstrip(), "```", ""]
     return "\n".join(out)
 

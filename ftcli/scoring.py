@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftcli.errors import UserError
+from ftcli.vocab import DEFAULT_METRICS, SFT_FORMATS, check_metrics
 
-ALL_METRICS = ("loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice")
-DEFAULT_METRICS = {"classification": ["accuracy"], "choice": ["choice"], "completion": ["loss", "perplexity"],
-                   "alpaca": ["loss", "perplexity"], "chat": ["loss", "perplexity"]}
 EVAL_MAX_LEN = 4096  # rows are never truncated for scoring below this length (a cut answer would score wrong)
 
 
@@ -33,27 +31,23 @@ class EvalSet:
     sample_seed: int | None = None  # with limit: a seeded random sample instead of the first rows
     instruction: str | None = None
     split: str = "train"
+    examples: list | None = field(default=None, repr=False)  # the rows, once `load` has read them
+
+    def load(self) -> list:
+        """Read and format the rows (once): errors name the file, the row and the field."""
+        if self.examples is None:
+            from ftcli.data import load_examples
+
+            self.examples = load_examples(self.data, self.format, self.fields, split=self.split, limit=self.limit,
+                                          instruction=self.instruction, sample_seed=self.sample_seed)
+        return self.examples
 
     def __post_init__(self):
+        if self.format not in SFT_FORMATS:
+            raise UserError(f"format {self.format!r}: choose from {', '.join(SFT_FORMATS)}")
         self.metrics = list(self.metrics or DEFAULT_METRICS[self.format])
         self.name = self.name or Path(self.data).parent.name + "/" + Path(self.data).stem
         check_metrics(self.format, self.metrics, where=self.name)
-
-
-def check_metrics(fmt: str, metrics: list[str], where: str) -> None:
-    unknown = [m for m in metrics if m not in ALL_METRICS]
-    if unknown:
-        raise UserError(f"{where}: unknown metric {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}")
-    if fmt not in ("classification", "choice"):
-        bad = [m for m in metrics if m in ("accuracy", "choice")]
-        if bad:
-            raise UserError(f"{where}: metric {bad[0]} scores candidate answers, so it needs format classification "
-                            f"(text, label) or choice (question, choices, answer); the format is {fmt}")
-    if fmt == "completion":
-        bad = [m for m in metrics if m not in ("loss", "perplexity")]
-        if bad:
-            raise UserError(f"{where}: metric {bad[0]} needs a prompt and a reference answer; format completion "
-                            "has neither (use alpaca or chat)")
 
 
 @dataclass
@@ -67,15 +61,16 @@ class Target:
 def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = False, log=print) -> Target:
     """A built-in alias, a model folder, a run folder, or an adapter (folder or its .safetensors) with `base`."""
     from ftcli import models
+    from ftcli.run_folder import RunFolder
 
     path = Path(spec).expanduser()
     adapter = path.parent if path.is_file() and path.name.endswith(".safetensors") else path
-    if path.is_dir() and ((path / "recipe.resolved.yaml").is_file() or (path / "adapter").is_dir()
-                          or (path / "model").is_dir()):
+    if RunFolder.holds_run(path):
         if base:
             raise UserError("--base applies to an adapter; a run folder names its own base model")
-        model, tok = models.load_run(path, allow_pickle=allow_pickle, log=log)
-        return Target(_merged(model), tok, _run_template(path), "run")
+        run = RunFolder(path)
+        model, tok = run.load(allow_pickle=allow_pickle, log=log)
+        return Target(_merged(model), tok, run.chat_template, "run")
     if (adapter / "adapter_config.json").is_file():
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
@@ -93,27 +88,16 @@ def _merged(model):
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") and not quantized else model
 
 
-def _run_template(run_dir: Path) -> str | None:
-    import yaml
-
-    f = run_dir / "recipe.resolved.yaml"
-    if not f.is_file():
-        return None
-    return ((yaml.safe_load(f.read_text()) or {}).get("data") or {}).get("chat_template")
-
-
 def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_size: int = 8,
           max_new_tokens: int = 64, autocast=nullcontext, examples=None) -> dict:
     """Every metric of `es` for one model; also rows, seconds and rows per second."""
-    from ftcli.data import load_examples
-    from ftcli.data.tokenize import Encoder
+    from ftcli.data.tokenize import Encoder, pad_id
     from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics
 
     if examples is None:
-        examples = load_examples(es.data, es.format, es.fields, split=es.split, limit=es.limit,
-                                 instruction=es.instruction, sample_seed=es.sample_seed)
+        examples = es.load()
     encoder = Encoder(tokenizer, template, EVAL_MAX_LEN, "truncate", es.format)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     t0 = time.perf_counter()
     out: dict = {"rows": len(examples)}
     if {"loss", "perplexity"} & set(es.metrics):
@@ -133,15 +117,20 @@ def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_s
     return out
 
 
-def retention_sets(recipe) -> list[EvalSet]:
-    """The recipe's `eval.retention` entries as evaluation sets (one metric each)."""
-    return [EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
-                    limit=r.limit, sample_seed=r.sample, instruction=r.instruction) for r in recipe.eval.retention]
-
-
-def headline(es: EvalSet, result: dict) -> float | None:
-    """The one number of a set (its first metric) for tables of many sets."""
-    return result.get(es.metrics[0])
+def retention_sets(recipe, *, load: bool = False) -> list[EvalSet]:
+    """The recipe's `eval.retention` entries as evaluation sets (one metric each); `load` reads their rows now,
+    so a missing file or field is an error before any model loads (in `check` as in `train`)."""
+    sets = []
+    for i, r in enumerate(recipe.eval.retention):
+        es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
+                     limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
+        if load:
+            try:
+                es.load()
+            except UserError as e:
+                raise UserError(f"eval.retention[{i}]: {e}") from None
+        sets.append(es)
+    return sets
 
 
 def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template: str | None = None,
@@ -150,14 +139,9 @@ def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template
     """Score each model of `specs` (one at a time, freed in between) on the same rows of `es`."""
     import gc
 
-    from ftcli.data import load_examples
     from ftcli.runtime import autocast as autocast_for
-    from ftcli.runtime import tune_allocator
 
-    tune_allocator()
-
-    examples = load_examples(es.data, es.format, es.fields, split=es.split, limit=es.limit,
-                             instruction=es.instruction, sample_seed=es.sample_seed)
+    examples = es.load()
     autocast = autocast_for(precision)
     results = {}
     for spec in specs:

@@ -1,11 +1,15 @@
-"""The training loop, on accelerate: one loop for every strategy.
+"""The training loop, on accelerate: one loop for every strategy and every objective.
 
-Per optimiser step: the step's micro-batches are collated first, their trained tokens counted, and each
-micro-batch's summed NLL is divided by that count before backward, so the gradient is that of the mean loss over
-every trained token of the step, whatever `grad_accum` is. A micro-batch of more than `training.pass_tokens`
-positions runs as several forward/backward passes of whole rows (the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every
-`eval.every` steps and at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf
-loss stops the run before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits.
+`run` reads top to bottom: open the run folder (and check a resume), build the model, data, strategy and
+objective, build the evaluator once (validation + retention sets), restore or score the start, train, finish.
+
+Per optimiser step (`Trainer.step`): the step's micro-batches are collated first and the objective's count of
+them taken (trained tokens for sft and distill, pairs for dpo); each micro-batch's loss sum is divided by that
+count before backward, so the gradient is that of the mean over the whole step, whatever `grad_accum` is. A
+micro-batch of more than `training.pass_tokens` positions runs as several forward/backward passes of whole rows
+(the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every `eval.every` steps and
+at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss stops the run
+before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -13,26 +17,25 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ftcli import checkpoint, report, scoring
-from ftcli.runtime import autocast as autocast_for
-from ftcli.runtime import peak_rss_mb, tune_allocator
 from ftcli.data import DataBundle
-from ftcli.data.batching import collate, plan_epoch
-from ftcli.data.tokenize import Encoder, marked_text, show_mask
+from ftcli.data.batching import plan_epoch
+from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
 from ftcli.errors import RunError, UserError
-from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics, to_device
-from ftcli.loss import causal_lm, nll_sum
+from ftcli.evaluate import choice_accuracy, generation_metrics, to_device
+from ftcli.loss import causal_lm
+from ftcli.objectives import Objective
+from ftcli.run_folder import RunFolder
+from ftcli.runtime import autocast as autocast_for
+from ftcli.runtime import peak_rss_mb
 from ftcli.strategies import Context, Strategy
-
-# recipe keys that may differ between a run and its --resume (they change how long, not what, is trained)
-RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "eval.every", "training.checkpoint_every",
-                     "training.keep_checkpoints", "training.log_every", "training.pass_tokens", "output"}
+from ftcli.vocab import CANDIDATES
 
 
 @dataclass
@@ -44,52 +47,69 @@ class Hooks:
 
 
 @dataclass
+class TrainState:
+    """What a run has done so far; written into every checkpoint (state.json) and read back on --resume."""
+
+    step: int = 0
+    best: dict | None = None  # {"step", "loss"} of the best validation
+    before: dict | None = None  # validation of the untrained model
+    retention_before: list | None = None
+    tokens: int = 0  # non-pad tokens trained on
+    trained_tokens: int = 0
+    positions: int = 0  # computed positions, padding included
+    train_seconds: float = 0.0
+    resumed_from: int | None = None
+    strategy: dict = field(default_factory=dict)  # Strategy.state_dict()
+    objective: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def note_validation(self, step: int, metrics: dict) -> None:
+        if metrics and (self.best is None or metrics["loss"] < self.best["loss"]):
+            self.best = {"step": step, "loss": metrics["loss"]}
+
+
+@dataclass
 class Setup:
     """Everything built before the loop: kept together so `ftcli check` and `ftcli train` share it."""
 
     recipe: object
     strategy: Strategy
+    objective: Objective
     model: object
     tokenizer: object
     data: DataBundle
     ctx: Context
+    retention: list = field(default_factory=list)  # scoring.EvalSet per eval.retention entry, rows loaded
 
 
 def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, log=print) -> Setup:
-    """Load the base, the data and the strategy, in the order DESIGN.md draws."""
+    """Load the base, the data and the strategy, in the order DESIGN.md draws. Every file is read (and every
+    retention set checked) before the model is loaded."""
     from ftcli import data as data_mod
-    from ftcli import models, strategies
+    from ftcli import models, objectives, strategies
 
     strategy = strategies.get(recipe.strategy)
-    strategies.refuse_unsupported(recipe)  # before any weight is loaded
+    strategies.refuse_unsupported(strategy)  # before any weight is loaded
+    objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     bundle = data_mod.build(recipe, tokenizer)
+    retention = scoring.retention_sets(recipe, load=True)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
-                              allow_pickle=allow_pickle, quantization=strategy.quantization,
-                              compute_dtype=getattr(recipe.strategy, "compute_dtype", "float32"),
-                              double_quant=getattr(recipe.strategy, "double_quant", True), log=log)
-    ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log)
+                              allow_pickle=allow_pickle, log=log, **strategy.base_loading())
+    ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
+                  strategy=strategy)
     model = strategy.prepare(model, ctx)
     if recipe.training.gradient_checkpointing:
         lm = causal_lm(model)
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(lm, "enable_input_require_grads"):
             lm.enable_input_require_grads()
-    return Setup(recipe, strategy, model, tokenizer, bundle, ctx)
-
-
-def total_steps(recipe, n_train: int) -> tuple[int, int]:
-    """(steps in the run, steps per epoch)."""
-    t = recipe.training
-    per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accum))
-    steps = t.max_steps if t.max_steps else max(1, math.floor(per_epoch * t.epochs))
-    return steps, per_epoch
-
-
-def warmup_steps(recipe, steps: int) -> int:
-    w = recipe.training.warmup
-    return int(round(w * steps)) if w < 1 else int(w)
+    objective.prepare(model, ctx, bundle)
+    return Setup(recipe, strategy, objective, model, tokenizer, bundle, ctx, retention)
 
 
 def make_optimizer(recipe, named_params):
@@ -110,7 +130,7 @@ def make_scheduler(recipe, optimizer, steps: int):
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[recipe.training.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(recipe, steps), num_training_steps=steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=recipe.warmup_steps(steps), num_training_steps=steps)
 
 
 class _Interrupt:
@@ -138,259 +158,290 @@ class _Interrupt:
         return False
 
 
-def resume_conflicts(run_dir: Path, recipe) -> list[str]:
-    """Recipe keys that differ from the run being resumed (other than how long it runs)."""
-    import yaml
-
-    saved = yaml.safe_load((run_dir / report.RECIPE_FILE).read_text())
-    saved.pop("versions", None)
-    now = recipe.model_dump(mode="json", exclude={"source"}, by_alias=True)  # as written (ewc's `lambda`)
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and k != "fields":
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
-        return out
-
-    a, b = flat(saved), flat(now)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
-
-
-def schedule_change_note(run_dir: Path, recipe) -> str | None:
-    """A resumed run whose length changed keeps its steps so far, but a warm-up or decaying schedule is laid out
-    again over the new length: say so, since the result then differs from a run planned that long from the start."""
-    import yaml
-
-    saved = (yaml.safe_load((run_dir / report.RECIPE_FILE).read_text()) or {}).get("training", {})
-    t = recipe.training
-    if (saved.get("max_steps"), saved.get("epochs")) == (t.max_steps, t.epochs):
-        return None
-    if t.schedule == "constant" and (not t.warmup or t.warmup >= 1):  # warm-up in steps: unchanged
-        return None
-    return (f"the run's length changed (training.max_steps {saved.get('max_steps')} → {t.max_steps}, "
-            f"training.epochs {saved.get('epochs')} → {t.epochs}); the {t.schedule} schedule with warm-up "
-            f"{t.warmup} is laid out again over the new length, so the steps already taken followed the old one "
-            "and the run differs from one planned at the new length from the start")
+# ------------------------------------------------------------------------------------------------------------
+# the run, top to bottom
 
 
 def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, allow_pickle: bool = False,
         console=None, hooks: Hooks | None = None, progress: bool = True) -> Path:
     """Train a recipe into the run folder `output`; returns the folder."""
-    tune_allocator()
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     hooks = hooks or Hooks()
     log = console.print if console is not None else print
-    run_dir = report.prepare_run_dir(output, resume=resume, overwrite=overwrite)
+    folder = open_run_folder(recipe, output, resume=resume, overwrite=overwrite, log=log)
+    set_seed(recipe.training.seed)
+    started = time.time()
+    setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
+    trainer = Trainer(setup, folder)
+    evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
     if resume:
-        if not checkpoint.list_steps(run_dir):
-            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-        conflicts = resume_conflicts(run_dir, recipe)
-        if conflicts:
-            raise UserError(f"--resume: the recipe differs from the run's in {', '.join(conflicts)}; "
-                            "resume with the same recipe (only lengths, eval and checkpoint cadence may change)")
-        note = schedule_change_note(run_dir, recipe)
+        state = trainer.restore()
+        log(f"resuming {folder.path} from step {state.step}")
+    else:
+        state = TrainState(before=evaluator.validate(0, generation=True))
+        if evaluator.retention:
+            log(f"scoring {len(evaluator.retention)} retention set(s) on the base model")
+            state.retention_before = evaluator.score_retention()
+    bar = _progress(console, progress)
+    # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
+    status, message = trainer.train(state, evaluator, hooks, bar, log if progress and bar is None else None)
+    return finish(setup, trainer, evaluator, state, status, message, hooks, started)
+
+
+def open_run_folder(recipe, output: Path, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
+    """The run folder, created (or checked for --resume: the same recipe, a checkpoint to resume from), with the
+    resolved recipe written into it."""
+    folder = RunFolder.create(output, resume=resume, overwrite=overwrite)
+    if resume:
+        note = folder.resume_check(recipe)
         if note:
             log(f"note: {note}")
-    report.write_resolved_recipe(run_dir, recipe)
-    t = recipe.training
-    set_seed(t.seed)
-    started = time.time()
+    folder.write_recipe(recipe)
+    return folder
 
-    setup = build(recipe, run_dir=run_dir, allow_pickle=allow_pickle, log=log)
-    strategy, model, tokenizer, data = setup.strategy, setup.model, setup.tokenizer, setup.data
-    # bf16 is torch's autocast, entered here (not accelerate's mixed_precision, a process-wide setting that a
-    # second run in the same process could not change)
-    accelerator = Accelerator()
-    named = strategy.train_params(model)
-    if not named:
-        raise UserError(f"strategy {strategy.name}: no parameter is trainable")
-    optimizer = make_optimizer(recipe, named)
-    steps, per_epoch = total_steps(recipe, len(data.train))
-    scheduler = make_scheduler(recipe, optimizer, steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if t.compile:
-        causal_lm(model).get_decoder().compile(dynamic=True)
-    device = accelerator.device
-    autocast = autocast_for(t.precision, device.type)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    d = recipe.data
-    pack_len = d.max_len
-    pass_tokens = recipe.pass_positions()
 
-    from ftcli.models import count_parameters
+class Evaluator:
+    """Validation (the objective's loss and metrics, and the generation or candidate metrics of eval.metrics) and
+    the retention sets, built once for the run."""
 
-    trainable, total = count_parameters(model)
-    metrics_log = report.MetricsLog(run_dir)
+    def __init__(self, setup: Setup, model, autocast, metrics_log):
+        self.recipe, self.objective, self.data = setup.recipe, setup.objective, setup.data
+        self.tokenizer, self.model, self.autocast, self.metrics_log = setup.tokenizer, model, autocast, metrics_log
+        self.retention = setup.retention
+        self.pad_id = pad_id(setup.tokenizer)
 
-    def validate(step: int, generation: bool) -> dict:
-        if data.validation is None:
+    def validate(self, step: int, generation: bool) -> dict:
+        split = self.data.validation
+        if split is None:
             return {}
-        out = loss_metrics(model, data.validation.encoded, batch_size=t.batch_size, pad_id=pad_id,
-                           packing=d.packing, pack_len=pack_len, autocast=autocast)
-        if generation and {"accuracy", "choice"} & set(recipe.eval.metrics) and data.validation.examples[0].choices:
-            rows = data.validation.examples[: recipe.eval.limit] if recipe.eval.limit else data.validation.examples
-            whole = Encoder(tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
-            acc = choice_accuracy(model, whole, rows, batch_size=t.batch_size, autocast=autocast)["accuracy"]
-            out.update({m: acc for m in ("accuracy", "choice") if m in recipe.eval.metrics})
+        r, d = self.recipe, self.recipe.data
+        out = self.objective.evaluate(self.model, split.encoded, batch_size=r.training.batch_size, pad_id=self.pad_id,
+                                      packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
+        wanted = r.eval.metrics
+        if generation and set(CANDIDATES) & set(wanted):
+            rows = split.examples[: r.eval.limit] if r.eval.limit else split.examples
+            whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
+            acc = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size,
+                                  autocast=self.autocast)["accuracy"]
+            out.update({m: acc for m in CANDIDATES if m in wanted})
         if generation:
-            gen = generation_metrics(model, tokenizer, data.encoder, data.validation.examples, recipe.eval.metrics,
-                                     max_new_tokens=recipe.eval.max_new_tokens, limit=recipe.eval.limit,
-                                     autocast=autocast)
-            out.update(gen)
-        metrics_log.append({"kind": "eval", "step": step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
-                            **{k: v for k, v in out.items() if k in ("exact_match", "rougeL", "numeric", "accuracy", "choice")}})
+            out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
+                                          max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
+                                          autocast=self.autocast))
+        record = {"kind": "eval", "step": step}
+        for k, v in out.items():
+            if isinstance(v, float) and k not in ("rows_per_s", "count"):
+                record[f"val_{k}" if k in ("loss", "perplexity") or k in self.objective.metrics else k] = v
+        self.metrics_log.append(record)
         return out
 
-    retention = scoring.retention_sets(recipe)
+    def score_retention(self) -> list[dict]:
+        r = self.recipe
+        return [scoring.score(self.model, self.tokenizer, es, template=r.data.chat_template,
+                              batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
+                              autocast=self.autocast, examples=es.examples)
+                for es in self.retention]
 
-    def score_retention() -> list[dict]:
-        return [scoring.score(model, tokenizer, es, template=d.chat_template, batch_size=t.batch_size,
-                              max_new_tokens=recipe.eval.max_new_tokens, autocast=autocast)
-                for es in retention]
 
-    state: dict = {"best": None, "before": None, "retention_before": None, "tokens": 0, "trained_tokens": 0, "positions": 0,
-                   "train_seconds": 0.0, "resumed_from": None}
-    start_step = 0
-    if resume:
-        loaded = checkpoint.load(run_dir, strategy.train_params(model), optimizer, scheduler)
-        start_step = loaded["step"]
-        strategy.load_state_dict(loaded.get("strategy", {}))
-        state.update({k: loaded[k] for k in state if k in loaded})
-        state["resumed_from"] = start_step
-        metrics_log.truncate_after(start_step)
-        log(f"resuming {run_dir} from step {start_step}")
-    else:
-        state["before"] = validate(0, generation=True)
-        if retention:
-            log(f"scoring {len(retention)} retention set(s) on the base model")
-            state["retention_before"] = score_retention()
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]
+    penalty: float | None
+    count: int  # the objective's normaliser: trained tokens, or pairs
+    tokens: int  # non-pad tokens
+    trained: int  # trained tokens
+    positions: int  # computed positions, padding included
+    seconds: float
+    lr: float = 0.0
+    grad_norm: float | None = None
 
-    def save_checkpoint(step: int) -> Path:
-        return checkpoint.save(run_dir, step, strategy.train_params(model), optimizer, scheduler,
-                               dict(state, strategy=strategy.state_dict()), keep=t.keep_checkpoints)
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and (self.penalty is None or math.isfinite(self.penalty))
 
-    status, message = "finished", ""
-    step = start_step
-    plans: dict[int, list] = {}
-    lengths = data.train.lengths
-    model.train()
-    # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
-    bar = _progress(console, progress and console is not None and console.is_terminal)
-    line_every = max(1, steps // 20) if progress and bar is None else 0
-    task = bar.add_task("training", total=steps, completed=start_step, loss=float("nan"), tps=0.0) if bar else None
-    last_checkpoint = checkpoint.list_steps(run_dir)[-1] if resume else None
-    try:
-        with _Interrupt() as interrupt, (bar or _null()):
-            while step < steps:
-                epoch, index = divmod(step, per_epoch)
-                if epoch not in plans:
-                    plans = {epoch: plan_epoch(lengths, t.batch_size, t.grad_accum, t.seed, epoch,
-                                               bucket=not d.packing)}
-                micro = plans[epoch][index]
-                strategy.on_step(step + 1, model)
-                t0 = time.perf_counter()
-                batches = [to_device(collate([data.train.encoded[i] for i in mb], pad_id, d.packing, pack_len), device)
-                           for mb in micro]
-                n_trained = sum(b.n_trained for b in batches)
-                step_loss = torch.zeros((), device=device)
-                passes = [part for b in batches for part in b.split(pass_tokens)]
-                for part in passes:
-                    with autocast():
-                        loss = nll_sum(model, part) / n_trained
-                    accelerator.backward(loss)
-                    step_loss += loss.detach()
-                step_nll = float(step_loss)  # the step's one host sync (the NaN guard needs the value)
-                extra = strategy.extra_loss(model, batches)
-                penalty = None
-                if extra is not None:
-                    accelerator.backward(extra)
-                    penalty = float(extra.detach())
-                if not math.isfinite(step_nll) or (penalty is not None and not math.isfinite(penalty)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if last_checkpoint != step:
-                        save_checkpoint(step)
-                        last_checkpoint = step
-                    status = "stopped: non-finite loss"
-                    what = f"the loss became {step_nll}" if not math.isfinite(step_nll) else \
-                        f"the {strategy.name} penalty became {penalty}"
-                    message = (f"{what} at step {step + 1}; the update was not applied and "
-                               f"the last good state (step {step}) is checkpointed. Try a lower training.lr, "
-                               "training.precision: fp32, or check the data of this step.")
-                    break
-                grad_norm = None
-                if t.max_grad_norm:
-                    grad_norm = float(accelerator.clip_grad_norm_([p for _, p in named], t.max_grad_norm))
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.perf_counter() - t0
-                n_tok = sum(b.n_tokens for b in batches)
-                state["tokens"] += n_tok
-                state["trained_tokens"] += n_trained
-                state["positions"] += sum(p.n_positions for p in passes)
-                state["train_seconds"] += dt
-                if step % t.log_every == 0 or step == steps:
-                    rec = {"kind": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": step_nll,
-                           "lr": lr, "tokens_per_s": n_tok / dt, "trained_tokens": n_trained, "tokens": n_tok,
-                           "grad_norm": grad_norm, "step_s": dt, "rss_mb": round(peak_rss_mb(), 1)}
-                    if penalty is not None:
-                        rec["penalty"] = penalty
-                    metrics_log.append(rec)
-                for fn in hooks.after_step:
-                    fn(step, step_nll)
-                if line_every and (step % line_every == 0 or step == steps):
-                    rate = state["tokens"] / state["train_seconds"]
-                    left = (steps - step) * state["train_seconds"] / max(step - start_step, 1)
-                    log(f"step {step}/{steps} · loss {step_nll:.4f} · {rate:.0f} tok/s · {left:.0f} s left")
-                if bar:
-                    bar.update(task, completed=step, loss=step_nll, tps=state["tokens"] / state["train_seconds"])
-                if recipe.eval.every and step % recipe.eval.every == 0 and step < steps:
-                    _note_best(state, step, validate(step, generation=False))
-                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                    save_checkpoint(step)
-                    last_checkpoint = step
-                if interrupt.requested:
-                    save_checkpoint(step)
-                    status = "interrupted"
-                    message = f"interrupted at step {step}; continue with: ftcli train RECIPE --resume"
-                    break
-    except KeyboardInterrupt:
-        status, message = "interrupted", f"stopped at once during step {step + 1}; resume from the last checkpoint"
 
+class Trainer:
+    """The model, optimiser and schedule of one run, and the step."""
+
+    def __init__(self, setup: Setup, folder: RunFolder):
+        from accelerate import Accelerator
+
+        self.setup, self.folder, self.recipe = setup, folder, setup.recipe
+        self.strategy, self.objective = setup.strategy, setup.objective
+        t = self.recipe.training
+        # bf16 is torch's autocast, entered here (not accelerate's mixed_precision, a process-wide setting that a
+        # second run in the same process could not change)
+        self.accelerator = Accelerator()
+        self.named = self.strategy.train_params(setup.model)
+        if not self.named:
+            raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
+        optimizer = make_optimizer(self.recipe, self.named)
+        self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train))
+        scheduler = make_scheduler(self.recipe, optimizer, self.steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(setup.model, optimizer, scheduler)
+        if t.compile:
+            causal_lm(self.model).get_decoder().compile(dynamic=True)
+        self.device = self.accelerator.device
+        self.autocast = autocast_for(t.precision, self.device.type)
+        self.pad_id = pad_id(setup.tokenizer)
+        self.metrics_log = report.MetricsLog(folder.path)
+        self._plans: dict[int, list] = {}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self, state: TrainState) -> Path:
+        state.strategy = self.strategy.state_dict()
+        return checkpoint.save(self.folder.path, state.step, self.strategy.train_params(self.model), self.optimizer,
+                               self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints)
+
+    def restore(self) -> TrainState:
+        saved = checkpoint.load(self.folder.path, self.strategy.train_params(self.model), self.optimizer,
+                                self.scheduler)
+        state = TrainState.from_checkpoint(saved)
+        self.strategy.load_state_dict(state.strategy)
+        state.resumed_from = state.step
+        self.metrics_log.truncate_after(state.step)
+        return state
+
+    # -- one optimiser step --------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list:
+        """The collated micro-batches of optimiser step `step` (0-based), from the epoch's seeded plan."""
+        t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
+        epoch, index = divmod(step, self.per_epoch)
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size, t.grad_accum, t.seed, epoch,
+                                             bucket=not d.packing)}
+        return [to_device(self.objective.collate([train.encoded[i] for i in mb], self.pad_id, d.packing, d.max_len),
+                          self.device)
+                for mb in self._plans[epoch][index]]
+
+    def step(self, step: int) -> StepResult:
+        """Compute optimiser step `step` (0-based) and apply it, unless its loss is not finite."""
+        self.strategy.on_step(step + 1, self.model)
+        t0 = time.perf_counter()
+        batches = self.micro_batches(step)
+        count = sum(self.objective.count(b) for b in batches)
+        step_loss = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
+        passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
+        for part in passes:
+            with self.autocast():
+                loss_sum, metrics = self.objective.loss_sum(self.model, part)
+                loss = loss_sum / count
+            self.accelerator.backward(loss)
+            step_loss += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.detach() / count
+        result = StepResult(float(step_loss), {k: float(v) for k, v in sums.items()}, None, count,
+                            sum(b.n_tokens for b in batches), sum(b.n_trained for b in batches),
+                            sum(p.n_positions for p in passes), 0.0)
+        extra = self.strategy.extra_loss(self.model, batches)
+        if extra is not None:
+            self.accelerator.backward(extra)
+            result.penalty = float(extra.detach())
+        if not result.finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return result
+        t = self.recipe.training
+        if t.max_grad_norm:
+            result.grad_norm = float(self.accelerator.clip_grad_norm_([p for _, p in self.named], t.max_grad_norm))
+        result.lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def train(self, state: TrainState, evaluator: Evaluator, hooks: Hooks, bar, lines) -> tuple[str, str]:
+        """Steps until the end, an interrupt or a non-finite loss; returns (status, message). Progress goes to a
+        rich `bar`, or to `lines` (a print function: a line every 5% of the run), or nowhere."""
+        t, steps = self.recipe.training, self.steps
+        start = state.step
+        line_every = max(1, steps // 20) if lines else 0
+        task = bar.add_task("training", total=steps, completed=start, loss=float("nan"), tps=0.0) if bar else None
+        last_checkpoint = self.folder.checkpoints[-1] if state.resumed_from is not None else None
+        self.model.train()
+        try:
+            with _Interrupt() as interrupt, (bar or _null()):
+                while state.step < steps:
+                    res = self.step(state.step)
+                    if not res.finite:
+                        if last_checkpoint != state.step:
+                            self.save_checkpoint(state)
+                            last_checkpoint = state.step
+                        what = (f"the loss became {res.loss}" if not math.isfinite(res.loss)
+                                else f"the {self.strategy.name} penalty became {res.penalty}")
+                        return "stopped: non-finite loss", (
+                            f"{what} at step {state.step + 1}; the update was not applied and the last good state "
+                            f"(step {state.step}) is checkpointed. Try a lower training.lr, training.precision: fp32, "
+                            "or check the data of this step.")
+                    state.step += 1
+                    state.tokens += res.tokens
+                    state.trained_tokens += res.trained
+                    state.positions += res.positions
+                    state.train_seconds += res.seconds
+                    self._log_step(state, res)
+                    for fn in hooks.after_step:
+                        fn(state.step, res.loss)
+                    rate = state.tokens / max(state.train_seconds, 1e-9)
+                    if line_every and (state.step % line_every == 0 or state.step == steps):
+                        left = (steps - state.step) * state.train_seconds / max(state.step - start, 1)
+                        lines(f"step {state.step}/{steps} · loss {res.loss:.4f} · {rate:.0f} tok/s · {left:.0f} s left")
+                    if bar:
+                        bar.update(task, completed=state.step, loss=res.loss, tps=rate)
+                    if self.recipe.eval.every and state.step % self.recipe.eval.every == 0 and state.step < steps:
+                        state.note_validation(state.step, evaluator.validate(state.step, generation=False))
+                    if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < steps:
+                        self.save_checkpoint(state)
+                        last_checkpoint = state.step
+                    if interrupt.requested:
+                        self.save_checkpoint(state)
+                        return "interrupted", (f"interrupted at step {state.step}; continue with: ftcli train RECIPE "
+                                               "--resume")
+        except KeyboardInterrupt:
+            return "interrupted", f"stopped at once during step {state.step + 1}; resume from the last checkpoint"
+        return "finished", ""
+
+    def _log_step(self, state: TrainState, res: StepResult) -> None:
+        t = self.recipe.training
+        if state.step % t.log_every and state.step != self.steps:
+            return
+        rec = {"kind": "train", "step": state.step, "epoch": round(state.step / self.per_epoch, 4), "loss": res.loss,
+               **res.metrics, "lr": res.lr, "tokens_per_s": res.tokens / res.seconds, "trained_tokens": res.trained,
+               "tokens": res.tokens, "grad_norm": res.grad_norm, "step_s": res.seconds,
+               "rss_mb": round(peak_rss_mb(), 1)}
+        rec.setdefault(self.objective.count_name, res.count)
+        if res.penalty is not None:
+            rec["penalty"] = res.penalty
+        self.metrics_log.append(rec)
+
+
+def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainState, status: str, message: str,
+           hooks: Hooks, started: float) -> Path:
+    """After the loop: on success the last validation, retention after, a checkpoint and the artifact; in every
+    case the report. A run that did not finish raises RunError after its report is written."""
+    from ftcli import atomic
+
+    folder, model = trainer.folder, trainer.accelerator.unwrap_model(trainer.model)
     after, retention_after = {}, []
     if status == "finished":
-        after = validate(step, generation=True)
-        retention_after = score_retention()
-        _note_best(state, step, after)
-        save_checkpoint(step)
-        artifact = run_dir / strategy.artifact
-        from ftcli import atomic
-
-        with atomic.folder(artifact) as tmp:
-            strategy.save(accelerator.unwrap_model(model), tmp)
-            tokenizer.save_pretrained(str(tmp))
+        after = evaluator.validate(state.step, generation=True)
+        retention_after = evaluator.score_retention()
+        state.note_validation(state.step, after)
+        trainer.save_checkpoint(state)
+        with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
+            setup.strategy.save(model, tmp)
+            setup.tokenizer.save_pretrained(str(tmp))
     for fn in hooks.at_end:
-        fn(accelerator.unwrap_model(model))
-    summary = _summary(recipe, run_dir, strategy, model, data, state, status, message, step, steps, started,
-                       trainable, total, after)
-    summary["retention"] = _retention_rows(retention, state.get("retention_before") or [], retention_after)
-    report.write_report(run_dir, summary, metrics_log.read())
+        fn(model)
+    summary = _summary(setup, trainer, state, status, message, started, after)
+    summary["retention"] = _retention_rows(evaluator.retention, state.retention_before or [], retention_after)
+    report.write_report(folder.path, summary, trainer.metrics_log.read())
     if status != "finished":
-        raise RunError(f"{message} (run folder: {run_dir})")
-    return run_dir
-
-
-def _note_best(state: dict, step: int, metrics: dict) -> None:
-    if metrics and (state["best"] is None or metrics["loss"] < state["best"]["loss"]):
-        state["best"] = {"step": step, "loss": metrics["loss"]}
+        raise RunError(f"{message} (run folder: {folder.path})")
+    return folder.path
 
 
 def _retention_rows(sets, before: list[dict], after: list[dict]) -> list[dict]:
@@ -406,44 +457,48 @@ def _retention_rows(sets, before: list[dict], after: list[dict]) -> list[dict]:
     return rows
 
 
-def _summary(recipe, run_dir, strategy, model, data, state, status, message, step, steps, started, trainable,
-             total, after) -> dict:
-    before = state.get("before") or {}
-    secs = max(state["train_seconds"], 1e-9)
+def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, message: str, started: float,
+             after: dict) -> dict:
+    from ftcli.models import count_parameters
+
+    recipe, data, strategy = setup.recipe, setup.data, setup.strategy
+    trainable, total = count_parameters(trainer.model)
+    secs = max(state.train_seconds, 1e-9)
     splits = {"train": data.train.stats.as_dict()}
     if data.validation is not None:
         splits["validation"] = data.validation.stats.as_dict()
-    example = marked_text(show_mask(data.encoder.tokenizer, data.train.encoded[0]))
-    strip = lambda m: {k: v for k, v in m.items() if k != "samples"}  # noqa: E731
+    strip = lambda m: {k: v for k, v in (m or {}).items() if k != "samples"}  # noqa: E731
+    done = state.step - (state.resumed_from or 0)
     return {
-        "run": {"name": Path(run_dir).name, "folder": str(run_dir), "status": status, "strategy": strategy.name,
-                "base_model": recipe.base_model, "steps": step, "total_steps": steps,
-                "wall_s": time.time() - started, "resumed_from": state.get("resumed_from"),
-                "artifact": strategy.artifact if status == "finished" else None},
+        "run": {"name": trainer.folder.path.name, "folder": str(trainer.folder.path), "status": status,
+                "strategy": strategy.name, "objective": setup.objective.name, "base_model": recipe.base_model,
+                "steps": state.step, "total_steps": trainer.steps, "wall_s": time.time() - started,
+                "resumed_from": state.resumed_from, "artifact": strategy.artifact if status == "finished" else None},
         "message": message,
         "parameters": {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)},
-        "before": strip(before),
+        "before": strip(state.before),
         "after": strip(after),
-        "best": state.get("best"),
+        "best": state.best,
         "samples": after.get("samples") or [],
         "throughput": {
-            "tokens_per_s": state["tokens"] / secs,
-            "trained_tokens_per_s": state["trained_tokens"] / secs,
-            "s_per_step": secs / max(step - (state.get("resumed_from") or 0), 1) if step else None,
-            "padding_fraction": 1 - state["tokens"] / state["positions"] if state["positions"] else 0.0,
+            "tokens_per_s": state.tokens / secs,
+            "trained_tokens_per_s": state.trained_tokens / secs,
+            "s_per_step": secs / max(done, 1) if state.step else None,
+            "padding_fraction": 1 - state.tokens / state.positions if state.positions else 0.0,
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-            "train_seconds": state["train_seconds"],
-            "tokens": state["tokens"],
+            "train_seconds": state.train_seconds,
+            "tokens": state.tokens,
         },
-        "data": {"splits": splits, "example": example},
-        "strategy_details": strategy.describe(model),
+        "data": {"splits": splits, "example": marked_text(show_mask(data.encoder.tokenizer, data.train.encoded[0]))},
+        "strategy_details": strategy.describe(trainer.model),
+        "objective_details": setup.objective.describe(),
         "recipe_yaml": recipe.to_yaml(),
     }
 
 
 def _progress(console, enabled: bool):
-    if not enabled or console is None:
+    if not enabled or console is None or not console.is_terminal:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -128,7 +128,12 @@ def worker_ftcli(args) -> dict:
 
         Lora.fused = False
     if args.plain_loss:
-        train.nll_sum = full_logits_nll_sum
+        import ftcli.loss
+
+        ftcli.loss.nll_sum = full_logits_nll_sum  # what the sft objective calls
+    from ftcli.runtime import tune_allocator
+
+    tune_allocator()  # as `ftcli train` does
     holder = {}
     run_dir = train.run(r, output=tmp / "run", progress=False,
                         hooks=train.Hooks(at_end=[lambda m: holder.setdefault("model", m)]))

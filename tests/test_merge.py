@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ftcli.run_folder import RunFolder
 from ftcli import merge
 from ftcli.errors import UserError
 
@@ -366,7 +367,7 @@ def test_export_a_lora_run(lora_run, tmp_path, run_cli, tiny_tokenizer):
     eot, eos = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"), tiny_tokenizer.eos_token_id
     assert set(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]) == {eot, eos}
     assert AutoTokenizer.from_pretrained(str(folder)).chat_template == tiny_tokenizer.chat_template
-    peft_model, tok = models.load_run(lora_run)
+    peft_model, tok = RunFolder(lora_run).load()
     assert _logits_match(folder, peft_model, tok) <= 1e-5
     report = json.loads((folder / "export.json").read_text())
     assert report["check"]["max_abs_logit_diff"] <= report["check"]["tolerance"]
@@ -413,7 +414,7 @@ def test_export_a_full_weights_run(tmp_path, tiny_model_dir, run_cli):
     run_dir = train.run(r, output=recipe_mod.default_output(r), progress=False)
     code, out, err = run_cli("export", run_dir, "--out", tmp_path / "exp")
     assert code == 0, err
-    model, tok = models.load_run(run_dir)
+    model, tok = RunFolder(run_dir).load()
     assert _logits_match(tmp_path / "exp", model, tok) == 0.0
     assert (tmp_path / "exp" / "generation_config.json").is_file()
 
@@ -442,7 +443,7 @@ def test_export_a_qlora_run_folds_into_the_dequantised_base(tmp_path, tiny_model
     assert "quantization_config" not in config
     tensors = load_file(str(tmp_path / "exp" / "model.safetensors"))
     assert {t.dtype for t in tensors.values()} == {torch.float32}
-    trained, tok = models.load_run(run_dir)  # the 4-bit base + adapter, as trained
+    trained, tok = RunFolder(run_dir).load()  # the 4-bit base + adapter, as trained
     assert _logits_match(tmp_path / "exp", trained, tok) <= 1e-5
     original = PeftModel.from_pretrained(models.load_model(str(tiny_model_dir)), str(run_dir / "adapter"))
     assert _logits_match(tmp_path / "exp", original, tok) > 1e-4

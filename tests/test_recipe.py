@@ -52,7 +52,7 @@ def test_wrong_type_and_bad_value():
     assert "training.lr: expected a number, got 'fast'" in msg
     assert "training.batch_size" in msg and "greater than or equal to 1" in msg
     msg = error_of({"data": {"train": "x.jsonl", "format": "sharegpt"}})
-    assert "data.format" in msg and "'alpaca', 'chat', 'completion', 'classification' or 'choice'" in msg
+    assert "data.format" in msg and "'alpaca', 'chat', 'completion', 'classification', 'choice' or 'preference'" in msg
 
 
 def test_missing_required_key():
@@ -119,3 +119,44 @@ def test_every_shipped_recipe_validates(path):
     assert r.strategy.name
     if not r.data.train.startswith(("http", "hf:")) and "/" in r.data.train:
         assert Path(r.data.train).is_file(), f"{path.name}: data.train {r.data.train} is missing"
+
+
+def test_the_objective_is_sft_by_default_and_its_keys_are_checked():
+    assert recipe_mod.validate({"data": {"train": "x.jsonl"}}).objective.name == "sft"
+    msg = error_of({"data": {"train": "x.jsonl"}, "objective": {"name": "sft", "beta": 0.1}})
+    assert "objective.beta: unknown key" in msg
+    msg = error_of({"data": {"train": "x.jsonl"}, "objective": {"name": "ppo"}})
+    assert "objective" in msg and "'ppo'" in msg and "sft" in msg
+
+
+@pytest.mark.parametrize("doc, where, why", [
+    ({"data": {"train": "x.jsonl", "format": "alpaca"}, "eval": {"metrics": ["accuracy"]}},
+     "eval.metrics", "classification"),
+    ({"data": {"train": "x.jsonl", "format": "completion"}, "eval": {"metrics": ["exact_match"]}},
+     "eval.metrics", "completion"),
+    ({"data": {"train": "x.jsonl"}, "eval": {"retention": [{"data": "k.jsonl", "format": "alpaca",
+                                                            "metric": "choice"}]}},
+     "eval.retention[0]", "choice"),
+], ids=["accuracy-on-alpaca", "generation-on-completion", "retention-choice-on-alpaca"])
+def test_a_metric_the_format_cannot_score_is_refused_by_the_recipe(doc, where, why):
+    """One vocabulary, checked once during validation: what `train` could not score, `check` refuses too."""
+    msg = error_of(doc)
+    assert where in msg and why in msg
+
+
+def test_check_opens_the_retention_sets_before_loading_weights(tmp_path, tiny_model_dir, addition_data, run_cli,
+                                                               monkeypatch):
+    """A missing retention file fails `check` (as `train`), naming the set, before any weight is read."""
+    import ftcli.models
+
+    from conftest import make_recipe
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(ftcli.models, "load_model", no_weights)
+    path = make_recipe(tmp_path, tiny_model_dir, addition_data,
+                       eval={"retention": [{"data": str(tmp_path / "gone.jsonl"), "metric": "loss"}]})
+    for command in ("check", "train"):
+        code, out, err = run_cli(command, path)
+        assert code == 2 and "eval.retention[0]" in err and "gone.jsonl" in err, (command, err)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftcli.run_folder import RunFolder
 from ftcli import models
 from ftcli import recipe as recipe_mod
 from ftcli import train
@@ -129,7 +130,7 @@ def test_saved_artifact_reloads_to_the_same_logits(name, trained):
     run_dir, model, _ = trained[name]
     _, _, artifact = STRATEGIES[name]
     assert (run_dir / artifact).is_dir()
-    reloaded, tok = models.load_run(run_dir)
+    reloaded, tok = RunFolder(run_dir).load()
     ids = torch.tensor([tok("what is 3 + 4").input_ids])
     model.eval()
     reloaded.eval()
@@ -175,7 +176,7 @@ def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, drop
     from ftcli.strategies.lora import Lora, LoraParams
 
     strategy = Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
-    config = strategy.lora_config(None)
+    config = strategy.lora_config()
     fused = get_peft_model(models.load_model(str(tiny_model_dir)), config)
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -214,7 +215,7 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
     from ftcli.strategies.lora import Lora, LoraParams, store_frozen_in_bf16
 
     fused = get_peft_model(models.load_model(str(tiny_model_dir)),
-                           Lora(LoraParams(r=4, alpha=8, target_modules="all-linear")).lora_config(None))
+                           Lora(LoraParams(r=4, alpha=8, target_modules="all-linear")).lora_config())
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)

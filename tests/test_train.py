@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftcli.run_folder import RunFolder
 from ftcli import recipe as recipe_mod
 from ftcli import train
 from ftcli.errors import RunError, UserError
@@ -113,7 +114,7 @@ def test_a_finished_run_extended_by_resume_equals_the_longer_run(tmp_path, tiny_
     assert train_losses(extended) == pytest.approx(train_losses(straight), abs=1e-6)
     assert not any("schedule" in str(n) for n in notes)
     r = recipe_mod.load(path, ["training.max_steps=20", "training.schedule=cosine"])
-    assert "laid out again" in train.schedule_change_note(extended, r)
+    assert "laid out again" in RunFolder(extended).schedule_change_note(r)
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, tiny_model_dir, addition_data):
@@ -150,9 +151,9 @@ def test_bf16_precision_trains_and_tracks_fp32(tmp_path, tiny_model_dir, additio
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_a_checkpoint(tmp_path, tiny_model_dir, addition_data, monkeypatch):
-    import ftcli.train as train_mod
+    import ftcli.loss as loss_mod
 
-    real = train_mod.nll_sum
+    real = loss_mod.nll_sum
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -160,7 +161,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_a_checkpoint(tmp_path, tiny_mod
         out = real(model, batch)
         return out * float("nan") if calls["n"] > 3 and model.training else out
 
-    monkeypatch.setattr(train_mod, "nll_sum", poisoned)
+    monkeypatch.setattr(loss_mod, "nll_sum", poisoned)  # what the sft objective calls
     path = make_recipe(tmp_path, tiny_model_dir, addition_data, training={"max_steps": 8})
     with pytest.raises(RunError, match="loss became nan at step 4") as e:
         run(path)
@@ -256,7 +257,7 @@ def test_qlora_is_refused_before_any_weight_loads_where_4bit_cannot_run(tmp_path
     import ftcli.models
     import ftcli.strategies
 
-    monkeypatch.setattr(ftcli.strategies, "qlora_support", lambda: "qlora on a CPU needs bitsandbytes >= 0.48")
+    monkeypatch.setattr(ftcli.strategies.lora, "qlora_support", lambda: "qlora on a CPU needs bitsandbytes >= 0.48")
 
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded")

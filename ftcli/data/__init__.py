@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ftcli.data.formats import Example, check_fields, label_set, to_example
 from ftcli.data.sources import read_rows
@@ -27,7 +27,7 @@ class Split:
 
     @property
     def lengths(self) -> list[int]:
-        return [len(e.input_ids) for e in self.encoded]
+        return [e.length for e in self.encoded]
 
 
 @dataclass
@@ -35,7 +35,6 @@ class DataBundle:
     train: Split
     validation: Split | None
     encoder: Encoder
-    notes: list[str] = field(default_factory=list)
 
 
 def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,

@@ -11,6 +11,12 @@ so no example attends to another. Pad tokens continue the positions of the row's
 that holds one example on the plain causal path.
 Without packing, examples are bucketed by length (per step window) so a micro-batch pads to little.
 
+A row's unit is an example: one sequence, or for preference rows a pair (chosen, rejected) laid end to end in one
+row, so that both go through the model in the same pass and a pass split never separates them. Every position
+knows its sequence (`seq_ids`, numbered in row order; pad: -1) and the batch keeps the encoded sequences in that
+order (`sequences`), which is how objectives sum log-probabilities per sequence and find what was precomputed
+for it (a reference's log-probs, a teacher's top-k).
+
 A packed batch also carries each example's [start, end) span per row (`example_bounds`), so attention can run on
 each example alone instead of over a masked row (ftcli/attention.py). A micro-batch wider than a forward pass
 should be (`split`) runs as several passes of whole rows, trimmed to their own longest row: the summed loss and
@@ -22,7 +28,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ftcli.data.tokenize import Encoded
+from ftcli.data.tokenize import Encoded, EncodedPair
+
+Unit = "Encoded | EncodedPair"
 
 BUCKET_WINDOW_STEPS = 32  # steps whose examples are sorted by length together when packing is off
 
@@ -32,16 +40,28 @@ class Batch:
     input_ids: "object"  # LongTensor [rows, length]
     labels: "object"  # LongTensor, -100 where no loss
     position_ids: "object"
-    n_examples: int
+    n_examples: int  # units (rows of data): examples, or pairs
     n_tokens: int  # real (non-pad) tokens
     n_trained: int
     n_positions: int  # rows × length: what the model computes, padding included
     row_tokens: list[int] | None = None  # real tokens per row (rows are right-padded)
     example_bounds: list[list[tuple[int, int]]] | None = None  # packed rows: each example's [start, end)
+    seq_ids: "object" = None  # LongTensor [rows, length]: the sequence of each position (row order), pad -1
+    sequences: list[Encoded] | None = None  # the encoded sequences, in seq_ids order
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.sequences) if self.sequences is not None else 0
+
+    def trained_sequence(self):
+        """The sequence of every trained token [n], in row-major order (the order of loss.trained_hidden)."""
+        return self.seq_ids[:, 1:][self.labels[:, 1:] != -100]
 
     def split(self, max_positions: int) -> list["Batch"]:
         """Consecutive whole rows in parts of at most `max_positions` positions (at least one row each), each
         cut to its own longest row; the parts' counts add up to the batch's."""
+        import torch
+
         rows, width = self.input_ids.shape
         if self.row_tokens is None or rows * width <= max_positions:
             return [self]
@@ -54,9 +74,17 @@ class Batch:
             bounds = None
             if self.example_bounds is not None:
                 bounds = [[(s, min(e, w)) for s, e in spans if s < w] for spans in self.example_bounds[sl]]
-            parts.append(Batch(ids, labels, pos, int((pos == 0).sum()), sum(self.row_tokens[sl]),
-                               int((labels != -100).sum()), ids.numel(), self.row_tokens[sl], bounds))
+            seq = self.seq_ids[sl, :w]
+            live = seq[seq >= 0]  # rows hold consecutive sequence numbers: renumber from 0
+            lo, hi = (int(live.min()), int(live.max()) + 1) if live.numel() else (0, 0)
+            parts.append(Batch(ids, labels, pos, self.units_in(lo, hi), sum(self.row_tokens[sl]),
+                               int((labels != -100).sum()), ids.numel(), self.row_tokens[sl], bounds,
+                               torch.where(seq >= 0, seq - lo, seq), self.sequences[lo:hi]))
         return parts
+
+    def units_in(self, lo: int, hi: int) -> int:
+        per_unit = len(self.sequences) // max(self.n_examples, 1)
+        return (hi - lo) // max(per_unit, 1)
 
 
 def plan_epoch(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
@@ -97,20 +125,23 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[Encoded], pad_id: int, packing: bool, pack_len: int) -> Batch:
-    """Tensors for one micro-batch (see the module docstring for the layout)."""
+def collate(examples: list[Unit], pad_id: int, packing: bool, pack_len: int) -> Batch:
+    """Tensors for one micro-batch (see the module docstring for the layout). `examples` are units: an `Encoded`
+    example, or an `EncodedPair` whose two sequences share a row."""
     import torch
 
     if packing:
-        groups = [[examples[i] for i in row] for row in pack([len(e.input_ids) for e in examples], pack_len)]
+        rows = pack([e.length for e in examples], pack_len)
     else:
-        groups = [[e] for e in examples]
+        rows = [[i] for i in range(len(examples))]
+    groups = [[s for i in row for s in examples[i].sequences] for row in rows]
     width = max(sum(len(e.input_ids) for e in g) for g in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     labels = torch.full((len(groups), width), -100, dtype=torch.long)
     pos = torch.zeros((len(groups), width), dtype=torch.long)
+    seq_ids = torch.full((len(groups), width), -1, dtype=torch.long)
     n_tokens = n_trained = 0
-    row_tokens, bounds = [], []
+    row_tokens, bounds, sequences = [], [], []
     for r, group in enumerate(groups):
         at = 0
         spans = []
@@ -119,6 +150,8 @@ def collate(examples: list[Encoded], pad_id: int, packing: bool, pack_len: int) 
             ids[r, at : at + n] = torch.tensor(e.input_ids)
             labels[r, at : at + n] = torch.tensor(e.labels())
             pos[r, at : at + n] = torch.arange(n)
+            seq_ids[r, at : at + n] = len(sequences)
+            sequences.append(e)
             spans.append((at, at + n))
             at += n
             n_tokens += n
@@ -129,13 +162,15 @@ def collate(examples: list[Encoded], pad_id: int, packing: bool, pack_len: int) 
             spans.append((at, width))  # the pad tail attends only to itself
         row_tokens.append(at)
         bounds.append(spans)
+    two_per_row = not packing and any(len(g) > 1 for g in groups)  # pairs: their two sequences need bounds too
     return Batch(ids, labels, pos, len(examples), n_tokens, n_trained, len(groups) * width, row_tokens,
-                 bounds if packing else None)
+                 bounds if packing or two_per_row else None, seq_ids, sequences)
 
 
-def eval_batches(examples: list[Encoded], batch_size: int, pad_id: int, packing: bool, pack_len: int) -> list[Batch]:
+def eval_batches(examples: list[Unit], batch_size: int, pad_id: int, packing: bool, pack_len: int,
+                 collate=collate) -> list[Batch]:
     """Deterministic batches for validation: sorted by length so little is padded."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     return [
         collate([examples[i] for i in order[s : s + batch_size]], pad_id, packing, pack_len)
         for s in range(0, len(order), batch_size)

@@ -31,9 +31,8 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
             if not rows:
                 raise UserError(f"data {source}: no rows")
             return rows[:limit] if limit is not None else rows
-    import datasets  # only for parquet and the hub: it costs a second to import
+    import datasets  # only for parquet and the hub: it costs a second to import (progress bars: logs.quiet)
 
-    datasets.disable_progress_bars()
     if path.exists():
         try:
             ds = datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train")

@@ -32,13 +32,46 @@ class Encoded:
     input_ids: list[int]
     trained: list[bool]
     truncated: bool = False
+    aux: dict = field(default_factory=dict, repr=False, compare=False)  # what objectives precompute for it
 
     @property
     def n_trained(self) -> int:
         return sum(self.trained)
 
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def sequences(self) -> list["Encoded"]:
+        return [self]
+
     def labels(self) -> list[int]:
         return [t if m else -100 for t, m in zip(self.input_ids, self.trained)]
+
+
+@dataclass
+class EncodedPair:
+    """A preference row: prompt + chosen and prompt + rejected, the same prompt tokens, each completion trained."""
+
+    chosen: Encoded
+    rejected: Encoded
+
+    @property
+    def sequences(self) -> list[Encoded]:
+        return [self.chosen, self.rejected]
+
+    @property
+    def length(self) -> int:
+        return self.chosen.length + self.rejected.length
+
+    @property
+    def n_trained(self) -> int:
+        return self.chosen.n_trained + self.rejected.n_trained
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
 
 
 @dataclass
@@ -50,12 +83,16 @@ class EncodeStats:
     dropped_untrained: int = 0
     tokens: int = 0
     trained_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "notes"}
+        d = dict(self.__dict__)
         d["trained_fraction"] = round(self.trained_tokens / self.tokens, 4) if self.tokens else 0.0
         return d
+
+
+def pad_id(tokenizer) -> int:
+    """The id rows are padded with: the tokenizer's pad token, else its EOS (pads are never trained or attended)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def resolve_template(tokenizer, template: str | None) -> str:

@@ -12,7 +12,7 @@ from ftcli.strategies.ewc import Ewc, EwcParams
 from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
 from ftcli.strategies.hft import Hft, HftParams
-from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams, qlora_support
+from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams
 
 REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "full": (FullParams, Full),
@@ -33,12 +33,11 @@ def get(params) -> Strategy:
     return REGISTRY[params.name][1](params)
 
 
-def refuse_unsupported(recipe) -> None:
-    """Combinations that cannot run here are refused before any weight is loaded, saying what is needed."""
-    if recipe.strategy.name == "qlora":
-        problem = qlora_support()
-        if problem:
-            raise UserError(f"strategy qlora: {problem}")
+def refuse_unsupported(strategy: Strategy) -> None:
+    """A strategy that cannot run here is refused before any weight is loaded, saying what is needed."""
+    problem = strategy.unsupported()
+    if problem:
+        raise UserError(f"strategy {strategy.name}: {problem}")
 
 
 __all__ = ["REGISTRY", "StrategyParams", "Strategy", "Context", "get", "refuse_unsupported"]

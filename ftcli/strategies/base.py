@@ -2,12 +2,15 @@
 
 The training loop knows only this interface: `prepare` freezes/wraps the model, `train_params` names what the
 optimiser updates, `extra_loss` adds a term to the loss (EWC), `on_step` runs before each optimiser step (HFT
-rounds), `save` writes the artifact (PEFT adapter or a transformers model folder).
+rounds), `save` writes the artifact (PEFT adapter or a transformers model folder). What differs in how a base is
+loaded (4-bit for qlora), what the strategy costs in memory, and whether switching the adapter off gives back the
+untrained model (a DPO reference without a second copy) is the strategy's to say too, so no module outside
+`strategies/` asks for a strategy by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,7 +38,7 @@ class Context:
     train_data: Any = None  # ftcli.data.Split of the training rows, for strategies that need data (EWC)
     log: Any = print  # a function taking one string, for strategy messages (Fisher progress, HFT rounds)
     dry_run: bool = False  # `ftcli check`: a weightless (meta) model; skip work that needs real weights or data
-    extras: dict = field(default_factory=dict)
+    strategy: Any = None  # the run's strategy (objectives ask it how to get a reference model)
 
 
 class Strategy:
@@ -43,12 +46,26 @@ class Strategy:
 
     name: ClassVar[str]
     artifact: ClassVar[str] = "model"  # "adapter" (PEFT layout) or "model" (transformers folder)
-    quantization: ClassVar[str | None] = None  # "nf4" for qlora: models.load_base quantises the base
+    adapter_off_is_base: ClassVar[bool] = False  # True: with the adapter switched off the model is the base
 
     def __init__(self, params: Params):
         self.params = params
 
     # -- the interface ---------------------------------------------------------------------------------
+    def unsupported(self) -> str | None:
+        """Why this strategy cannot run on this machine (checked before any weight loads), or None."""
+        return None
+
+    def base_loading(self, *, for_export: bool = False) -> dict:
+        """Keyword arguments for `models.load_model` that load the base as this strategy trains it (qlora: 4-bit);
+        `for_export`: the base an adapter is folded into (float32 products)."""
+        return {}
+
+    def memory(self, *, total: int, trainable: int, block_linear: int, recipe: "Recipe") -> dict[str, float]:
+        """Bytes by part that depend on the strategy: the weights as stored, plus anything it keeps (EWC's Fisher).
+        `block_linear`: elements of the blocks' linear weights (what quantisation or bf16 storage shrinks)."""
+        return {"weights": total * 4}
+
     def prepare(self, model: "torch.nn.Module", ctx: Context) -> "torch.nn.Module":
         raise NotImplementedError
 

@@ -3,7 +3,8 @@
 loss += λ/2 · Σᵢ Fᵢ (θᵢ − θ*ᵢ)², θ* the base weights and F the diagonal empirical Fisher of the base model: the
 mean over rows of the squared gradient of each row's mean answer-token NLL, one row at a time (a batch gradient
 squared is not a mean of squared gradients). The rows are a retention set named in the recipe (`fisher_data`),
-or else the base model's own greedy answers to the training prompts. F is cached on disk, keyed by the base
+or else the base model's own answers to the training prompts, sampled with the training seed (the Fisher is an
+expectation over the model's own distribution). F is cached on disk, keyed by the base
 weights, the rows and the settings, so a second run reuses it. With `fisher_normalize` (default) F is divided by
 its mean, so λ means the same on any model; the stored F is what the penalty uses either way.
 
@@ -57,6 +58,7 @@ class Ewc(Strategy):
 
         self.inner = strategies.get(params.inner)
         self.artifact = self.inner.artifact
+        self.adapter_off_is_base = self.inner.adapter_off_is_base
         self.terms: list = []  # (F, θ*, parameter) for full-like inners; (F, A, B, scale) for lora
         self.lora = params.inner.name == "lora"
         self.info: dict = {}
@@ -72,6 +74,18 @@ class Ewc(Strategy):
 
     def train_params(self, model):
         return self.inner.train_params(model)
+
+    def unsupported(self):
+        return self.inner.unsupported()
+
+    def base_loading(self, *, for_export: bool = False) -> dict:
+        return self.inner.base_loading(for_export=for_export)
+
+    def memory(self, *, total, trainable, block_linear, recipe):
+        out = self.inner.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+        # F for every base weight; full-like inners also keep θ* (a LoRA inner's anchor is ΔW = 0)
+        out["EWC Fisher + anchor"] = (total - trainable) * 4 if self.lora else total * 4 * 2
+        return out
 
     def on_step(self, step: int, model) -> None:
         self.inner.on_step(step, model)
@@ -109,6 +123,7 @@ class Ewc(Strategy):
         import torch
         from safetensors.torch import load_file, save_file
 
+        from ftcli import atomic
         from ftcli.models import cache_root
 
         examples, source = self._fisher_examples(model, ctx)
@@ -121,10 +136,8 @@ class Ewc(Strategy):
             self.info["fisher_cached"] = True
         else:
             fisher = estimate_fisher(model, self._encoder(ctx), examples, log=ctx.log)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(fisher, str(tmp))
-            tmp.replace(path)
+            with atomic.file(path) as tmp:
+                save_file(fisher, str(tmp))
             self.info["fisher_cached"] = False
         if self.params.fisher_normalize:
             mean = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-30)
@@ -164,12 +177,10 @@ class Ewc(Strategy):
         return rows, f"base model's own sampled answers to the training prompts (seed {seed})"
 
     def _cache_key(self, ctx: Context, examples) -> str:
-        from ftcli.models import resolve
+        from ftcli.models import fingerprint
 
         p: EwcParams = self.params
-        folder = Path(resolve(ctx.recipe.base_model))
-        weights = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.glob("*.safetensors"))
-        h = hashlib.sha256(json.dumps({"v": FISHER_VERSION, "base": ctx.recipe.base_model, "weights": weights,
+        h = hashlib.sha256(json.dumps({"v": FISHER_VERSION, "base": fingerprint(ctx.recipe.base_model),
                                        "template": ctx.recipe.data.chat_template, "max_len": ctx.recipe.data.max_len,
                                        }, sort_keys=True).encode())
         for ex in examples:
@@ -202,6 +213,8 @@ def estimate_fisher(model, encoder, examples, *, log=print) -> dict:
     import torch
 
     from ftcli.data.batching import collate
+    from ftcli.data.tokenize import pad_id
+    from ftcli.evaluate import eval_mode
     from ftcli.loss import nll_sum
 
     encoded = [e for e in encoder.encode_all(examples)[0] if e is not None]
@@ -210,11 +223,9 @@ def estimate_fisher(model, encoder, examples, *, log=print) -> dict:
     for _, p in named:
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else encoder.eos_id
-    was_training = model.training
-    model.eval()
+    pad = pad_id(encoder.tokenizer)
     try:
-        with torch.random.fork_rng():
+        with eval_mode(model), torch.random.fork_rng():
             for i, enc in enumerate(encoded):
                 batch = collate([enc], pad, False, len(enc.input_ids))
                 loss = nll_sum(model, batch) / max(batch.n_trained, 1)
@@ -227,5 +238,4 @@ def estimate_fisher(model, encoder, examples, *, log=print) -> dict:
     finally:
         for (_, p), f in zip(named, flags):
             p.requires_grad_(f)
-        model.train(was_training)
     return {n: (f / max(len(encoded), 1)).contiguous() for n, f in fisher.items()}

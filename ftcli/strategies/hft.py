@@ -79,13 +79,11 @@ class Hft(Strategy):
         self.history: list[dict] = []
 
     def prepare(self, model, ctx: Context):
-        from ftcli.train import total_steps
-
         p: HftParams = self.params
         self.seed = p.seed if p.seed is not None else ctx.recipe.training.seed
         self.blocks = int(model.config.num_hidden_layers)
         rows = len(ctx.train_data) if ctx.train_data is not None else 1
-        self.round_steps = p.round_steps or total_steps(ctx.recipe, rows)[1]
+        self.round_steps = p.round_steps or ctx.recipe.total_steps(rows)[1]
         self.run_dir = ctx.run_dir
         for name, param in model.named_parameters():
             param.requires_grad_(p.embeddings != "freeze" or not _is_embedding(name))
@@ -104,10 +102,6 @@ class Hft(Strategy):
         round_ = (step - 1) // self.round_steps
         if round_ != self.round:
             self._apply(model, round_)
-
-    def frozen_names(self, model) -> set[str]:
-        """Parameter names frozen in the current round."""
-        return {n for n, q in model.named_parameters() if not q.requires_grad}
 
     def _apply(self, model, round_: int, record: bool = True) -> None:
         p: HftParams = self.params

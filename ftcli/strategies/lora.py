@@ -45,10 +45,16 @@ class QloraParams(LoraParams):
 class Lora(Strategy):
     name = "lora"
     artifact = "adapter"
+    adapter_off_is_base = True
     use_dora = False
     fused = True  # plain float linear layers train through ftcli's fused LoRA layer (lora_fused.py)
 
-    def lora_config(self, ctx: Context):
+    def memory(self, *, total, trainable, block_linear, recipe):
+        if self.fused and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16 (below)
+            return {"weights": block_linear * 2 + (total - block_linear) * 4}
+        return {"weights": total * 4}
+
+    def lora_config(self):
         import torch
         from peft import LoraConfig
 
@@ -75,7 +81,7 @@ class Lora(Strategy):
         from ftcli.errors import UserError
 
         try:
-            peft_model = get_peft_model(model, self.lora_config(ctx))
+            peft_model = get_peft_model(model, self.lora_config())
         except ValueError as e:  # PEFT names the missing target modules
             raise UserError(f"strategy.target_modules: {e}") from None
         peft_model.peft_config["default"].base_model_name_or_path = ctx.recipe.base_model
@@ -117,13 +123,26 @@ class Dora(Lora):
     fused = False
 
 
+QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per block of 64 (double quant: less)
+
+
 class Qlora(Lora):
     name = "qlora"
     fused = False  # 4-bit bases keep PEFT's bitsandbytes layers
 
-    def __init__(self, params: QloraParams):
-        super().__init__(params)
-        self.quantization = params.quant_type  # models.load_model quantises the base with this
+    def unsupported(self) -> str | None:
+        return qlora_support()
+
+    def base_loading(self, *, for_export: bool = False) -> dict:
+        """The base in 4-bit as trained; for export the same 4-bit base computing in float32 (export.py folds
+        the adapter into it de-quantised)."""
+        p: QloraParams = self.params
+        return {"quantization": p.quant_type, "double_quant": p.double_quant,
+                "compute_dtype": "float32" if for_export else p.compute_dtype}
+
+    def memory(self, *, total, trainable, block_linear, recipe):
+        return {"weights": block_linear * QUANTIZED_BYTES_PER_WEIGHT + (total - trainable - block_linear) * 4
+                + trainable * 4}
 
     def prepare(self, model, ctx: Context):
         if not ctx.dry_run:
