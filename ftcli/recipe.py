@@ -28,6 +28,7 @@ from ftcli.vocab import SFT_FORMATS, Format, Metric, metric_problem
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 PASS_TOKENS = 512  # default training.pass_tokens
+NOT_KEYS = ("source", "overrides")  # set by load(), never by a recipe
 
 # names other tools (axolotl, LLaMA-Factory, torchtune, HF Trainer) use for our keys: suggested on a miss
 SYNONYMS = {
@@ -146,8 +147,9 @@ class Recipe(_Section):
     eval: Eval = Field(default_factory=Eval)
     output: str | None = Field(None, description="run folder; default runs/<recipe name>")
 
-    # where the recipe came from (not a YAML key)
+    # where the recipe came from and the --set overrides applied to it (not YAML keys)
     source: Path | None = Field(None, exclude=True)
+    overrides: tuple[str, ...] = Field((), exclude=True)
 
     @model_validator(mode="after")
     def _formats_and_metrics_agree(self) -> "Recipe":
@@ -210,11 +212,16 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         apply_override(raw, item)
     recipe = validate(raw, where=str(path))
     recipe.source = path.resolve()
+    recipe.overrides = tuple(overrides)
     resolve_paths(recipe, path.resolve().parent)
     return recipe
 
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
+    for key in NOT_KEYS:  # fields of the object, not keys a recipe may set
+        if key in raw:
+            allowed = ", ".join(k for k in Recipe.model_fields if k not in NOT_KEYS)
+            raise UserError(f"{where}: 1 problem\n  {key}: unknown key. Allowed here: {allowed}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -304,7 +311,7 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
     if kind == "extra_forbidden":
         name = str(path[-1])
         allowed = sorted(model.model_fields) if model else []
-        allowed = [a for a in allowed if a != "source"]
+        allowed = [a for a in allowed if a not in NOT_KEYS]
         msg = "unknown key"
         close = [SYNONYMS[name]] if SYNONYMS.get(name) in allowed else difflib.get_close_matches(
             name, allowed, n=1, cutoff=0.6)
@@ -435,6 +442,6 @@ def _where_key_belongs(name: str, parent: list) -> str | None:
                 sections.setdefault(section, params)
     here = ".".join(str(p) for p in parent)
     for section, model in sections.items():
-        if section != here and name in model.model_fields and name != "source":
+        if section != here and name in model.model_fields and name not in NOT_KEYS:
             return section or "the top level"
     return None

@@ -45,8 +45,16 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
 
     def append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise atomic.WriteFailed(self.path, atomic.write_failure(self.path, e)) from e
+
+    def sync(self) -> None:
+        """fsync the log (before a checkpoint: the lines up to it survive a power loss with it)."""
+        if self.path.is_file():
+            atomic.fsync_path(self.path)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -97,10 +105,11 @@ def plot_losses(records: list[dict], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic.file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 

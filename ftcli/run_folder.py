@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from ftcli import atomic
 from ftcli.errors import UserError
 
 RECIPE_FILE = "recipe.resolved.yaml"
@@ -142,12 +143,21 @@ class RunFolder:
         path = Path(path)
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: choose one")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"run folder {path} is a file; give --output a folder")
+        if path.is_dir() and all(atomic.is_temporary(p.name) for p in path.iterdir()):
+            atomic.remove_leftovers(path)  # all a run killed at its very start left: it does not count
         if path.exists() and any(path.iterdir()):
             if overwrite:
                 import shutil
 
                 shutil.rmtree(path)
             elif not resume:
+                folder = cls(path)
+                if (path / RECIPE_FILE).is_file() and folder.kind is None and not folder.checkpoints:
+                    raise UserError(f"run folder {path} already exists and holds no checkpoint: the run stopped "
+                                    "before its first. --resume starts it again from step 0 (same recipe); "
+                                    "--overwrite replaces it, or --output writes elsewhere.")
                 raise UserError(f"run folder {path} already exists. Use --resume to continue it, --overwrite to "
                                 "replace it, or --output to write elsewhere.")
         elif resume:
@@ -164,10 +174,11 @@ class RunFolder:
         self.__dict__.pop("recipe", None)
 
     def resume_check(self, recipe) -> str | None:
-        """Refuse a --resume that has nothing to resume or a different recipe; returns a note when the run's
-        length changed (the schedule is laid out again)."""
-        if not self.checkpoints:
-            raise UserError(f"--resume: {self.path} has no checkpoint to resume from")
+        """Refuse a --resume of a different recipe; returns a note when the run's length changed (the schedule is
+        laid out again). A run folder without a checkpoint (a run stopped before its first) starts from step 0."""
+        if not self.saved:
+            raise UserError(f"--resume: {self.path} holds no {RECIPE_FILE}; it is not a run folder (use --output "
+                            "to name the run folder, or --overwrite to replace this one)")
         conflicts = self.resume_conflicts(recipe)
         if conflicts:
             raise UserError(f"--resume: the recipe differs from the run's in {', '.join(conflicts)}; "

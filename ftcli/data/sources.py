@@ -9,6 +9,7 @@ and go through `datasets`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
     path = Path(source)
     suffix = path.suffix.lower()
     if path.exists() or suffix in LOADERS:
+        if path.is_dir():
+            raise UserError(f"data file {source}: a folder, not a file; give one {'/'.join(LOADERS)} file")
         if not path.is_file():
             raise UserError(f"data file {source}: no such file")
         if suffix not in LOADERS:
@@ -54,10 +57,37 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
     return rows
 
 
+def read_text(path: Path) -> str:
+    """A text data file as UTF-8 (a leading byte-order mark dropped); anything else is a UserError naming the
+    line and byte where it stops being UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"data file {path}: cannot be read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        what = "a binary file" if b"\0" in data[:8192] else "not UTF-8 text"
+        raise UserError(f"data file {path} line {line}: {what} (byte 0x{data[e.start]:02x} at offset {e.start:,} "
+                        "is not UTF-8); save it as UTF-8 JSON lines, JSON or CSV") from None
+
+
+def jsonl_lines(text: str):
+    """(line number, line) of JSON lines text, split on "\n" only: JSON strings may hold U+0085, U+2028 and
+    U+2029, which str.splitlines() would also split at. A "\r" before the "\n" (Windows) is dropped; blank
+    lines are skipped."""
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if line.strip():
+            yield n, line
+
+
 def _read_text_rows(path: Path, suffix: str) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        # newline="": quoted fields keep their own line breaks (and U+2028 and kin are not line breaks in CSV)
+        return list(csv.DictReader(io.StringIO(text, newline="")))
     if suffix == ".json":
         try:
             doc = json.loads(text)
@@ -68,21 +98,31 @@ def _read_text_rows(path: Path, suffix: str) -> list[dict]:
         if isinstance(doc, dict):
             raise UserError(f"data file {path}: a JSON object; expected a list of rows or one JSON object per line")
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, line in jsonl_lines(text):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"data file {path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return _check_objects(rows, path)
+        if not isinstance(row, dict):
+            raise UserError(f"data file {path} line {n}: {_json_kind(row)}; each line must be one JSON object, "
+                            'e.g. {"instruction": ..., "output": ...}')
+        rows.append(row)
+    return rows
 
 
 def _check_objects(rows: list, path: Path) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise UserError(f"data file {path} row {i}: expected a JSON object, got {type(row).__name__}")
+            raise UserError(f"data file {path} item {i + 1} of its list: {_json_kind(row)}; each item must be a "
+                            "JSON object")
     return rows
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, in words."""
+    kinds = {list: "a JSON array", str: "a JSON string", bool: "true/false", int: "a number", float: "a number",
+             type(None): "null"}
+    return f"{kinds.get(type(value), type(value).__name__)}, not an object"
 
 
 def _root_cause(e: BaseException) -> str:
