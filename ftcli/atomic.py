@@ -106,7 +106,7 @@ def folder(path: Path):
             yield tmp
             fsync_tree(tmp)
             if path.exists():
-                old = _old(path)
+                old = old_name(path)
                 shutil.rmtree(old, ignore_errors=True)
                 path.rename(old)
                 tmp.rename(path)
@@ -120,7 +120,8 @@ def folder(path: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _old(path: Path) -> Path:
+def old_name(path: Path) -> Path:
+    """Where `path` waits while its replacement is moved in (`remove_leftovers` puts it back after a kill)."""
     return path.with_name(f".{path.name}.old")
 
 

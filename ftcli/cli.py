@@ -95,6 +95,7 @@ def _print_plan(console, r, p) -> None:
     for part, mb in p.memory.items():
         mem.add_row(part, f"{mb:,.0f}")
     console.print(mem)
+    console.print(f"run folder: {p.output}")
     for line in p.notes:
         console.print(f"[yellow]note:[/] {line}")
     console.rule("one training example (trained span highlighted and between ⟦ ⟧)")

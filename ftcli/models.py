@@ -78,6 +78,27 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> None:
         )
 
 
+def remote_code(where: str) -> str:
+    """What trust_remote_code lets run, in words: the Python files of a model folder and the classes its
+    config.json maps, or a hub repository's code."""
+    import json
+
+    folder = Path(where)
+    if not folder.is_dir():
+        return (f"trust_remote_code is on: transformers will download and run the Python code of the hub "
+                f"repository {where!r}")
+    files = sorted(p.name for p in folder.glob("*.py"))
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError):
+        auto_map = {}
+    mapped = sorted({v for vs in auto_map.values() for v in ([vs] if isinstance(vs, str) else vs) if v})
+    if not files and not mapped:
+        return f"trust_remote_code is on, but {folder} carries no Python code: it changes nothing here"
+    return (f"trust_remote_code is on: transformers will run Python code from {folder}: "
+            f"{', '.join(files) or 'no .py file'}" + (f" (config.json auto_map: {', '.join(mapped)})" if mapped else ""))
+
+
 def builtin_folder(alias: str, log=print) -> Path:
     """The converted safetensors folder of a built-in model, converting it on first use."""
     folder = cache_root() / "models" / alias
@@ -126,6 +147,8 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: 
 
     run = _run(spec)
     where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
+    if trust_remote_code:
+        log(f"warning: {remote_code(where)}")
     with _hub_errors(spec):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -175,7 +198,7 @@ def load_model(
         return model
     where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log)
     if meta:
-        config = load_config(spec, trust_remote_code=trust_remote_code)
+        config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
@@ -236,6 +259,12 @@ def _quantized_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def offline_mode() -> bool:
+    """Has the user switched the hub off (HF_HUB_OFFLINE, or transformers' and datasets' own switches)?"""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 class _hub_errors:
     """Turn 'cannot reach the hub' into an error that names the id and says how to use a local folder."""
 
@@ -257,10 +286,11 @@ class _hub_errors:
                       "Connection", "does not appear to have", "is not a local folder")
         )
         if isinstance(exc, OSError) or offline:
+            why = ("offline mode is on (HF_HUB_OFFLINE), so the hub is not contacted" if offline_mode() else
+                   f"the hub is not reachable from here ({text.splitlines()[0][:200]})")
             raise UserError(
-                f"base_model {self.spec!r}: could not load it ({text.splitlines()[0][:200]}). It is neither a "
-                f"built-in alias ({', '.join(BUILTINS)}) nor a local folder, and the hub is not reachable from here. "
-                "Download it elsewhere (huggingface-cli download ID --local-dir DIR) and set base_model: DIR."
+                f"base_model {self.spec!r}: not a built-in alias ({', '.join(BUILTINS)}) nor a local folder, and "
+                f"{why}. Download it elsewhere (huggingface-cli download ID --local-dir DIR) and set base_model: DIR."
             ) from None
         return False
 
@@ -296,6 +326,14 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickled = sorted(p.name for p in adapter.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if not pickled:
+            raise UserError(f"adapter folder {adapter}: no adapter_model.safetensors")
+        if not allow_pickle:
+            raise UserError(f"adapter folder {adapter}: the adapter is a pickle file ({', '.join(pickled)}), which "
+                            "can run code when loaded. Convert it to safetensors, or pass --allow-pickle if you "
+                            "trust the source.")
     model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)

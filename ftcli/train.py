@@ -193,10 +193,10 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
     set_seed(recipe.training.seed)
     started = time.time()
     with _Interrupt() as interrupt:  # from here: a signal during loading or the first validation is kept for the loop
-        setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
-        trainer = Trainer(setup, folder)
-        evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
         try:
+            setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
+            trainer = Trainer(setup, folder)
+            evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
             if start is not None:
                 state = trainer.restore(start)
                 log(f"resuming {folder.path} from step {state.step}")
@@ -205,6 +205,11 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
                 if evaluator.retention:
                     log(f"scoring {len(evaluator.retention)} retention set(s) on the base model")
                     state.retention_before = evaluator.score_retention()
+        except BaseException:
+            folder.abandon()  # bad input found while building: no run folder left behind (a replaced one put back)
+            raise
+        folder.keep()
+        try:
             bar = _progress(console, progress)
             # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
             status, message = trainer.train(state, evaluator, hooks, bar, log if progress and bar is None else None,

@@ -59,6 +59,24 @@ from ftcli.cli import main
 main()
 """
 
+# Lower the file-size limit (ulimit -f) to 4 KiB just before the Nth checkpoint: its first file cannot be written.
+LIMITER = """
+import os, resource, sys
+limit_in = int(os.environ["LIMIT_IN"])
+from ftcli import checkpoint
+calls = {"n": 0}
+real_save = checkpoint.save
+def save(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == limit_in:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+    return real_save(*a, **k)
+checkpoint.save = save
+sys.argv = ["ftcli"] + sys.argv[1:]
+from ftcli.cli import main
+main()
+"""
+
 
 def rows(n=120, seed=3):
     rng = random.Random(seed)
@@ -234,4 +252,26 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(setup
     done = ftcli("train", recipe, "--output", out, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "starting again from step 0" in done.stdout
+    assert_same_run(out, straight)
+
+
+def test_a_file_size_limit_mid_run_exits_1_naming_the_file_and_keeps_the_last_checkpoint(setup, tmp_path):
+    """RLIMIT_FSIZE (what a full disk looks like to a writer: EFBIG instead of ENOSPC) hit while the third checkpoint
+    is written: exit 1, the file and the cause named, step-6 intact and verified, nothing half-written; a resume
+    without the limit ends as the uninterrupted run."""
+    from ftcli import checkpoint
+
+    recipe, straight = setup
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", LIMITER, "train", recipe, "--output", out],
+                          env=dict(ENV, LIMIT_IN="3"), capture_output=True, text=True, timeout=600)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"could not write {out / 'checkpoints' / f'step-{3 * EVERY}' / 'trainable.safetensors'}: File too large: " \
+           "the file-size limit (ulimit -f) is 4,096 bytes" in message
+    assert f"the last good checkpoint, {out / 'checkpoints' / f'step-{2 * EVERY}'}, is intact" in message
+    assert steps_in(out) == [EVERY, 2 * EVERY] and checkpoint.verify(checkpoint.path(out, 2 * EVERY)) is None
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    resumed = ftcli("train", recipe, "--output", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(out, straight)

@@ -45,9 +45,13 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:
+            from ftcli.models import offline_mode
+
+            why = ("offline mode is on (HF_HUB_OFFLINE), so the hub is not contacted" if offline_mode() else
+                   f"could not be loaded from the hub ({_root_cause(e)})")
             raise UserError(
-                f"dataset {source!r}: not a local file and could not be loaded from the hub ({_root_cause(e)}). "
-                "Offline, point data.train at a local .jsonl/.json/.csv/.parquet file."
+                f"dataset {source!r}: not a local file, and {why}. Point data.train at a local "
+                ".jsonl/.json/.csv/.parquet file."
             ) from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
