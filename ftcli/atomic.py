@@ -171,7 +171,7 @@ def writing(path: Path):
         cause = write_failure(path, e)
         if cause is None:
             raise
-        raise WriteFailed(getattr(e, "filename", None) or path, cause) from e
+        raise WriteFailed(path, cause) from e
 
 
 def write_failure(path: Path, exc: BaseException) -> str | None:

@@ -71,6 +71,8 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> None:
         raise UserError(f"model folder {folder}: no config.json (is this a transformers model folder?)")
     safe = [n for n in names if n.endswith(SAFE_SUFFIXES)]
     pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not safe and not pickled:
+        raise UserError(f"model folder {folder}: no weights (no *.safetensors file beside config.json)")
     if not safe and pickled and not allow_pickle:
         raise UserError(
             f"model folder {folder}: weights are pickle files ({', '.join(sorted(pickled)[:3])}), which can run code "
@@ -280,6 +282,15 @@ class _hub_errors:
         if isinstance(exc, UserError):
             return False
         text = str(exc)
+        if isinstance(exc, (ValueError, KeyError)) and "does not recognize this architecture" in text:
+            import transformers
+
+            kind = text.split("model type `")[1].split("`")[0] if "model type `" in text else "?"
+            raise UserError(
+                f"base_model {self.spec!r}: its config.json names model_type {kind!r}, which the installed "
+                f"transformers {transformers.__version__} cannot build. Use a model of a supported architecture, or "
+                "a transformers version that knows this one (trust_remote_code: true only if the model folder "
+                "ships its own code and you trust it)") from None
         offline = any(
             s in text
             for s in ("offline", "Couldn't connect", "couldn't connect", "resolve", "not a valid model identifier",

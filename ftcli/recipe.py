@@ -44,7 +44,7 @@ SYNONYMS = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RetentionSet(_Section):
@@ -198,10 +198,15 @@ class Recipe(_Section):
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `key=value` overrides, validate, resolve relative paths."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path}: a folder, not a recipe file (give the .yaml file)")
     if not path.is_file():
         raise UserError(f"recipe {path}: no such file")
+    from ftcli.data.sources import read_text
+
+    text = read_text(path, what="recipe", hint="save it as UTF-8 YAML")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path}: not valid YAML: {e}") from None
     if raw is None:
@@ -313,13 +318,16 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
         allowed = sorted(model.model_fields) if model else []
         allowed = [a for a in allowed if a not in NOT_KEYS]
         msg = "unknown key"
-        close = [SYNONYMS[name]] if SYNONYMS.get(name) in allowed else difflib.get_close_matches(
-            name, allowed, n=1, cutoff=0.6)
+        ours = SYNONYMS.get(name, name)  # our name for it, when another tool's name was used
+        home = _where_key_belongs(ours, path[:-1])
+        close = [ours] if ours in allowed and ours != name else difflib.get_close_matches(name, allowed, n=1,
+                                                                                        cutoff=0.6)
         if close:
             msg += f"; did you mean '{close[0]}'?"
-        home = _where_key_belongs(name, path[:-1])
+        elif home:  # the key (or ours for it) lives in another section: the full path to write
+            msg += f"; did you mean '{ours if home == 'the top level' else f'{home}.{ours}'}'?"
         if home:
-            msg += f" ('{name}' belongs under '{home}')"
+            msg += f" ('{ours}' belongs under '{home}')"
         if allowed:
             msg += f" Allowed here: {', '.join(allowed)}"
         return msg

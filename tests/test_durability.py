@@ -225,7 +225,7 @@ def test_a_permission_error_while_checkpointing_exits_1_naming_the_path(straight
     message = " ".join(err.split())
     out_dir = tmp_path / "run"
     assert code == 1 and "Traceback" not in err
-    assert f"could not write {out_dir / 'checkpoints'}: Permission denied" in message
+    assert f"could not write {out_dir / 'checkpoints' / 'step-9'}: Permission denied" in message
     assert f"the last good checkpoint, {out_dir / 'checkpoints' / 'step-6'}, is intact" in message
     assert f"continue with: ftcli train {path} --resume" in message
     assert checkpoint.list_steps(out_dir) == [3, 6]

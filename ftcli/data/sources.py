@@ -61,20 +61,20 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
     return rows
 
 
-def read_text(path: Path) -> str:
-    """A text data file as UTF-8 (a leading byte-order mark dropped); anything else is a UserError naming the
-    line and byte where it stops being UTF-8."""
+def read_text(path: Path, what: str = "data file", hint: str = "save it as UTF-8 JSON lines, JSON or CSV") -> str:
+    """A text file as UTF-8 (a leading byte-order mark dropped); anything else is a UserError naming the line and
+    byte where it stops being UTF-8."""
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"data file {path}: cannot be read ({e.strerror})") from None
+        raise UserError(f"{what} {path}: cannot be read ({e.strerror})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        what = "a binary file" if b"\0" in data[:8192] else "not UTF-8 text"
-        raise UserError(f"data file {path} line {line}: {what} (byte 0x{data[e.start]:02x} at offset {e.start:,} "
-                        "is not UTF-8); save it as UTF-8 JSON lines, JSON or CSV") from None
+        kind = "a binary file" if b"\0" in data[:8192] else "not UTF-8 text"
+        raise UserError(f"{what} {path} line {line}: {kind} (byte 0x{data[e.start]:02x} at offset {e.start:,} "
+                        f"is not UTF-8); {hint}") from None
 
 
 def jsonl_lines(text: str):
