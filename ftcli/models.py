@@ -48,7 +48,7 @@ def cache_root() -> Path:
 # resolving a spec to a local folder
 
 
-def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=print) -> str:
+def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=print, key: str = "base_model") -> str:
     """A model spec → something `from_pretrained` can open: a local folder path, or the hub id itself.
     weights=False for tokenizer-only folders (an adapter folder carries the tokenizer but no config)."""
     if spec in BUILTINS:
@@ -59,9 +59,9 @@ def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=
             check_weight_files(path, allow_pickle)
         return str(path.resolve())
     if path.exists():
-        raise UserError(f"base_model {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
+        raise UserError(f"{key} {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
-        raise UserError(f"base_model {spec!r}: no such folder, and not a built-in alias ({', '.join(BUILTINS)})")
+        raise UserError(f"{key} {spec!r}: no such folder, and not a built-in alias ({', '.join(BUILTINS)})")
     return spec  # a hub id
 
 
@@ -144,29 +144,33 @@ def _run(spec: str):
     return RunFolder(spec) if RunFolder.holds_run(spec) else None
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,
+                   key: str = "base_model"):
+    """The tokenizer of a model spec; `key` names the spec in errors (base_model, objective.teacher, ...)."""
     from transformers import AutoTokenizer
 
     run = _run(spec)
-    where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
+    where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log,
+                                                            key=key)
     if trust_remote_code:
         log(f"warning: {remote_code(where)}")
-    with _hub_errors(spec):
+    with _hub_errors(spec, key):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,
+                key: str = "base_model"):
     from transformers import AutoConfig
 
     run = _run(spec)
     if run:
         return load_config(str(run.artifact) if run.kind == "model" else run.base_model,
-                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
-    where = resolve(spec, allow_pickle=allow_pickle, log=log)
-    with _hub_errors(spec):
+                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
+    where = resolve(spec, allow_pickle=allow_pickle, log=log, key=key)
+    with _hub_errors(spec, key):
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
@@ -180,6 +184,7 @@ def load_model(
     double_quant: bool = True,
     meta: bool = False,
     log=print,
+    key: str = "base_model",
 ):
     """The causal LM in float32 on the CPU (or the accelerator accelerate picks later), eval mode off.
 
@@ -193,14 +198,14 @@ def load_model(
     run = _run(spec)
     if run and not meta:
         if quantization:
-            raise UserError(f"base_model {spec}: a run folder cannot be quantised on loading; export it first "
+            raise UserError(f"{key} {spec}: a run folder cannot be quantised on loading; export it first "
                             "(ftcli export RUN --out DIR) and use DIR as the base")
         model = run.load_merged(allow_pickle=allow_pickle, log=log)[0]
         model.config.use_cache = False
         return model
-    where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log)
+    where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log, key=key)
     if meta:
-        config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
+        config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
@@ -211,7 +216,7 @@ def load_model(
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, double_quant)
         kwargs["device_map"] = {"": _quantized_device()}
-    with _hub_errors(spec):
+    with _hub_errors(spec, key):
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     model.config.use_cache = False
     if quantization:
@@ -227,7 +232,7 @@ def load_base(spec: str, **kwargs):
     log = kwargs.get("log", print)
     tokenizer = load_tokenizer(
         spec, trust_remote_code=kwargs.get("trust_remote_code", False), allow_pickle=kwargs.get("allow_pickle", False),
-        log=log,
+        log=log, key=kwargs.get("key", "base_model"),
     )
     return load_model(spec, **kwargs), tokenizer
 
@@ -270,8 +275,8 @@ def offline_mode() -> bool:
 class _hub_errors:
     """Turn 'cannot reach the hub' into an error that names the id and says how to use a local folder."""
 
-    def __init__(self, spec: str):
-        self.spec = spec
+    def __init__(self, spec: str, key: str = "base_model"):
+        self.spec, self.key = spec, key
 
     def __enter__(self):
         return self
@@ -287,7 +292,7 @@ class _hub_errors:
 
             kind = text.split("model type `")[1].split("`")[0] if "model type `" in text else "?"
             raise UserError(
-                f"base_model {self.spec!r}: its config.json names model_type {kind!r}, which the installed "
+                f"{self.key} {self.spec!r}: its config.json names model_type {kind!r}, which the installed "
                 f"transformers {transformers.__version__} cannot build. Use a model of a supported architecture, or "
                 "a transformers version that knows this one (trust_remote_code: true only if the model folder "
                 "ships its own code and you trust it)") from None
@@ -300,8 +305,8 @@ class _hub_errors:
             why = ("offline mode is on (HF_HUB_OFFLINE), so the hub is not contacted" if offline_mode() else
                    f"the hub is not reachable from here ({text.splitlines()[0][:200]})")
             raise UserError(
-                f"base_model {self.spec!r}: not a built-in alias ({', '.join(BUILTINS)}) nor a local folder, and "
-                f"{why}. Download it elsewhere (huggingface-cli download ID --local-dir DIR) and set base_model: DIR."
+                f"{self.key} {self.spec!r}: not a built-in alias ({', '.join(BUILTINS)}) nor a local folder, and "
+                f"{why}. Download it elsewhere (huggingface-cli download ID --local-dir DIR) and use DIR."
             ) from None
         return False
 

@@ -84,8 +84,9 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     if bundle.bad_rows.count:
-        notes.append(f"data.on_bad_rows: skip — {bundle.bad_rows.count} bad rows skipped; first: "
-                     + "; ".join(bundle.bad_rows.first[:3]))
+        notes.append(bundle.bad_rows.summary())
+    if bundle.numbers.count:
+        notes.append(bundle.numbers.summary())
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     output = output_note(recipe)

@@ -190,6 +190,11 @@ def render_markdown(s: dict) -> str:
         dropped = st["dropped_overlong"] + st["dropped_untrained"] + st.get("dropped_bad", 0)
         out.append(f"| {name} | {st['rows']:,} | {st['kept']:,} | {st['tokens']:,} | {st['trained_tokens']:,} | "
                    f"{st['trained_fraction'] * 100:.1f}% | {st['truncated']:,} | {dropped:,} |")
+    bad = s["data"].get("bad_rows") or {}
+    if bad.get("skipped"):
+        more = ", …" if bad["skipped"] > len(bad.get("at", [])) else ""
+        out += ["", f"**{bad['skipped']:,} bad rows skipped** (data.on_bad_rows: skip), at "
+                    f"{', '.join(bad.get('at', []))}{more}. The first: {bad['first'][0] if bad.get('first') else '?'}"]
     ex = s["data"].get("example")
     if ex:
         out += ["", "One training example, the trained span between ⟦ and ⟧:", "", "```text", ex, "```"]

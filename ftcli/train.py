@@ -551,6 +551,7 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "tokens": state.tokens,
         },
         "data": {"splits": splits, "bad_rows": data.bad_rows.as_dict(),
+                 "numbers_as_text": data.numbers.as_dict(),
                  "example": "\n".join(marked_text(show_mask(data.encoder.tokenizer, enc))
                                       for enc in data.train.encoded[0].sequences)},
         "strategy_details": strategy.describe(trainer.model),

@@ -11,6 +11,7 @@ One table, `CASES`; its categories and counts are printed by `test_the_corpus_co
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,59 @@ CASES = [
     Case("--set", "bad-value", R("--set", "training.batch_size=lots"), ("training.batch_size", "integer", "'lots'")),
 ]
 
+PAIR = {"prompt": "what is 1 + 1", "chosen": "2", "rejected": "3"}
+
+
+def DPO(rows=None, *args, **changes):
+    """A preference-tuning recipe case (objective dpo on pairs.jsonl), with `changes`."""
+    def make(e):
+        e.rows("pairs.jsonl", rows if rows is not None else [PAIR, {**PAIR, "chosen": "two"}] * 6)
+        changes.setdefault("objective", {"name": "dpo"})
+        data = {"train": "pairs.jsonl", "format": "preference", **changes.pop("data", {})}
+        return e.recipe(*args, data=data, eval={"metrics": ["loss"]}, **changes)
+    return make
+
+
+CASES += [
+    # -- chat templates (rendered in jinja's sandbox: a template cannot reach Python) ---------------------------
+    Case("chat template", "syntax-error", R(data={"chat_template": "{% for m in messages %}{{ m.content }"}),
+         ("data.chat_template", "TemplateSyntaxError", "chatml")),
+    Case("chat template", "sandbox-escape", R(data={"chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+                                                                     "{% for m in messages %}{{ m.content }}{% endfor %}"}),
+         ("data.chat_template", "SecurityError", "unsafe")),
+    Case("chat template", "undefined-field", R(data={"chat_template": "{% for m in messages %}{{ m.x.y }}{% endfor %}"}),
+         ("data.chat_template", "UndefinedError")),
+    # -- objectives: values, combinations, rows -------------------------------------------------------------------
+    Case("unknown value", "on_bad_rows", R(data={"on_bad_rows": "ignore"}), ("data.on_bad_rows", "'ignore'", "'skip'")),
+    Case("unknown value", "dpo-loss", DPO(objective={"name": "dpo", "loss": "kto"}), ("objective.loss", "'kto'", "'ipo'")),
+    Case("unknown value", "distill-kl", R(objective={"name": "distill", "teacher": ".", "kl": "both"}),
+         ("objective.kl", "'both'", "'forward'")),
+    Case("out of range", "dpo-beta-zero", DPO(objective={"name": "dpo", "beta": 0}), ("objective.beta", "greater than 0")),
+    Case("out of range", "dpo-label-smoothing", DPO(objective={"name": "dpo", "label_smoothing": 0.5}),
+         ("objective.label_smoothing", "less than 0.5")),
+    Case("out of range", "distill-alpha", R(objective={"name": "distill", "teacher": ".", "alpha": 1.5}),
+         ("objective.alpha", "less than or equal to 1")),
+    Case("out of range", "distill-temperature", R(objective={"name": "distill", "teacher": ".", "temperature": 0}),
+         ("objective.temperature", "greater than 0")),
+    Case("impossible combination", "dpo-on-alpaca-rows", R(objective={"name": "dpo"}),
+         ("data.format", "'alpaca'", "objective dpo trains on preference rows")),
+    Case("impossible combination", "retention-metric-its-format-cannot-score",
+         R(eval={"retention": [{"data": "train.jsonl", "format": "alpaca", "metric": "accuracy"}]}),
+         ("eval.retention[0]", "accuracy", "alpaca")),
+    Case("impossible combination", "distill-teacher-missing", R(objective={"name": "distill", "teacher": "./no/teacher"}),
+         ("objective.teacher", "no/teacher", "no such folder")),
+    Case("rows", "pair-missing-rejected", DPO([PAIR, {"prompt": "q", "chosen": "a"}, PAIR] * 4),
+         ("pairs.jsonl line 2", "no field 'rejected'")),
+    Case("rows", "pair-prefers-nothing", DPO([PAIR, {**PAIR, "rejected": "2"}] * 4, data={"validation": None}),
+         ("pairs.jsonl line 2", "same reply", "data.on_bad_rows")),
+    Case("rows", "every-row-bad-with-skip", DPO([{"prompt": "q", "chosen": "a"}] * 6, data={"on_bad_rows": "skip"}),
+         ("pairs.jsonl", "every one of its 6 rows was bad", "no field 'rejected'")),
+    # -- more run folder, --set ---------------------------------------------------------------------------------
+    Case("run folder", "resume-with-a-changed-recipe", lambda e: shutil.copytree(e.shared["finished"], e.root / "run")
+         and e.recipe("--resume", "--set", "training.lr=0.5"), ("--resume", "differs", "training.lr")),
+    Case("--set", "unknown-section", R("--set", "optimizer.lr=0.1"), ("optimizer: unknown key", "did you mean 'training'")),
+]
+
 # commands other than train/check: (category, id, args, says)
 OTHER = [
     # eval
@@ -300,7 +354,13 @@ OTHER = [
     ("eval", "limit-zero", lambda e: ["eval", e.model, "--data", e.data, "--limit", "0"], ("--limit", "greater than or equal to 1")),
     ("eval", "json-out-a-folder", lambda e: ["eval", e.model, "--data", e.data, "--limit", "2", "--json", e.root],
      ("--json", "a folder")),
+    ("eval", "compare-missing", lambda e: ["eval", e.model, "--data", e.data, "--compare", e.root / "other"],
+     ("other", "no such folder")),
     # merge
+    ("merge", "density-out-of-range", lambda e: ["merge", e.adapter("a"), e.adapter("b"), "--method", "ties",
+                                                 "--density", "1.5", "--out", e.root / "m"], ("--density", "1.5")),
+    ("merge", "rank-zero", lambda e: ["merge", e.adapter("a"), e.adapter("b"), "--method", "svd", "--rank", "0",
+                                      "--out", e.root / "m"], ("--rank", "0")),
     ("merge", "different-bases", lambda e: ["merge", e.adapter("a"), e.adapter("b", base="other/model"), "--method",
                                             "cat", "--out", e.root / "m"], ("different base models", "other/model")),
     ("merge", "different-shapes", lambda e: ["merge", e.adapter("a"), e.adapter("b", d=16), "--method", "cat",
@@ -362,7 +422,7 @@ def refused(run_cli, argv: list, root: Path) -> str:
     code, out, err = run_cli(*argv)
     assert code == 2, f"exit {code}\nstdout: {out[-1500:]}\nstderr: {err[-3000:]}"
     assert "Traceback" not in out + err
-    assert err.count("error:") + err.count("Error:") == 1, err
+    assert len(re.findall(r"^(?:error|Error):", err, re.M)) == 1, err
     assert listing(root) == before, "left behind: " + ", ".join(sorted(set(listing(root)) - set(before)))
     return " ".join(err.split())
 

@@ -22,7 +22,7 @@ from conftest import make_recipe, write_jsonl
 
 # one thread, so that every run (straight, killed, resumed) sums in the same order
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-STEPS, EVERY = 60, 3
+STEPS, EVERY = 36, 3
 pytestmark = pytest.mark.slow  # about 20 processes of ftcli train: a minute or two
 
 # Run by `python -c` instead of `-m ftcli`: SIGKILL the process itself inside the Nth checkpoint write, at the
@@ -181,36 +181,40 @@ def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(setu
     recipe, straight = setup
     out = tmp_path / "run"
     rng = random.Random(14)
-    targets = sorted(rng.sample(range(EVERY, STEPS - EVERY), 7))
-    inside = {1: "mid-write", 3: "before-manifest", 5: "before-rename"}  # after the nth random kill
-    kills, resumes, skipped, cleaned, seen = 0, 0, 0, 0, []
+    targets = sorted(rng.sample(range(2 * EVERY, STEPS - 2 * EVERY), 5))
+    inside = {0: "mid-write", 2: "before-manifest", 3: "before-rename"}  # after the nth random kill
+    kills, logs, seen = 0, [], []
+
+    def note(text: str) -> None:
+        logs.append(text)
+        seen.append(max(steps_in(out), default=0))
+
     for n, target in enumerate(targets):
         proc = Proc(tmp_path / f"{n}.log", "train", recipe, "--output", out, *(["--resume"] if n else []))
         if proc.wait_until(lambda: proc.step() >= target):
             time.sleep(rng.uniform(0.0, 0.2))
         proc.signal(signal.SIGKILL)
-        if proc.wait() == -signal.SIGKILL:
-            kills += 1
-        text = proc.text()
-        resumes += "resuming" in text
-        skipped += text.count("skipping checkpoint")
-        cleaned += text.count("left half-written")
-        seen.append(max(steps_in(out), default=0))
-        if n in inside:
+        kills += proc.wait() == -signal.SIGKILL
+        note(proc.text())
+        if n in inside:  # the first checkpoint this resumed process writes is killed half-way
             p = Proc(tmp_path / f"{n}-inside.log", "train", recipe, "--output", out, "--resume",
-                     killer={"KILL_IN": "2", "KILL_AT": inside[n]})
+                     killer={"KILL_IN": "1", "KILL_AT": inside[n]})
             assert p.wait() == -signal.SIGKILL, p.text()[-2000:]
             kills += 1
             assert list((out / "checkpoints").glob(".step-*.tmp")), f"{inside[n]}: no half-written checkpoint"
-            resumes += 1
+            note(p.text())
     done = ftcli("train", recipe, "--output", out, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
-    cleaned += done.stdout.count("left half-written")
+    logs.append(done.stdout)
     assert_same_run(out, straight)
-    assert kills >= 9 and cleaned >= 1
-    print(f"\nSIGKILL {kills} times (newest checkpoint at each kill: {seen}), {resumes + 1} resumes, "
-          f"{cleaned} half-written checkpoints removed, {skipped} checkpoints skipped; final adapter bitwise equal "
-          "(torch.equal on every tensor) and every step's loss equal to the uninterrupted run's")
+    text = "\n".join(logs)
+    resumed_from = [int(x.split(" from step ")[1].split()[0]) for x in text.splitlines() if x.startswith("resuming ")]
+    cleaned, skipped = text.count("left half-written"), text.count("skipping checkpoint")
+    assert kills >= 7 and cleaned >= 3 and len(resumed_from) == len(logs) - 1
+    print(f"\nSIGKILL {kills} times (newest checkpoint on disk after each kill: {seen}); {len(resumed_from)} resumes, "
+          f"each from the newest checkpoint, verified by its manifest (steps {resumed_from}); {cleaned} half-written "
+          f"checkpoint folders removed, {skipped} checkpoints skipped; the final adapter bitwise equal (torch.equal "
+          "on every tensor) and every step's loss equal to the uninterrupted run's")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

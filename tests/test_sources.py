@@ -132,3 +132,44 @@ def test_broken_json_names_line_and_column(tmp_path):
 
 def test_an_empty_file(tmp_path):
     assert "no rows" in error(tmp_path, "e.jsonl", b"\n \n")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# numbers where text is expected: read as their text, and said
+
+
+def test_numbers_where_text_is_expected_are_read_as_text_and_counted(tmp_path):
+    from ftcli.data import NumbersAsText, load_examples
+
+    f = tmp_path / "n.jsonl"
+    f.write_bytes(jsonl([{"instruction": "what is 6 × 7", "input": "", "output": 42},
+                         {"instruction": 2024, "input": "", "output": "a year"},
+                         {"instruction": "fine", "input": "", "output": "text"},
+                         {"instruction": "yes?", "input": "", "output": True}]))
+    numbers = NumbersAsText()
+    examples = load_examples(str(f), "alpaca", {}, numbers=numbers)
+    assert [ex.messages[-1]["content"] for ex in examples] == ["42", "a year", "text", "true"]
+    assert examples[1].messages[0]["content"] == "2024"
+    assert numbers.count == 3
+    assert numbers.first == ["n.jsonl line 1: output: 42", "n.jsonl line 2: instruction: 2024",
+                             "n.jsonl line 4: output: True"]
+    chat = tmp_path / "c.jsonl"
+    chat.write_bytes(jsonl([{"messages": [{"role": "user", "content": "2 + 2"}, {"role": "assistant", "content": 4}]}]))
+    choice = tmp_path / "q.jsonl"
+    choice.write_bytes(jsonl([{"question": "2 + 2", "choices": [3, 4.0], "answer": 1}]))
+    numbers = NumbersAsText()
+    assert load_examples(str(chat), "chat", {}, numbers=numbers)[0].messages[-1]["content"] == "4"
+    assert load_examples(str(choice), "choice", {}, numbers=numbers)[0].choices == ["3", "4.0"]
+    assert numbers.first == ["c.jsonl line 1: messages[1].content: 4",
+                             "q.jsonl line 1: choices[0]: 3, choices[1]: 4.0"]
+
+
+def test_check_says_numbers_were_read_as_text(tmp_path, tiny_model_dir, run_cli):
+    from conftest import make_recipe
+
+    f = tmp_path / "n.jsonl"
+    f.write_bytes(jsonl([{"instruction": f"what is {i} + {i}", "input": "", "output": 2 * i} for i in range(12)]))
+    code, out, err = run_cli("check", make_recipe(tmp_path, tiny_model_dir, f))
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "12 rows had a number where text is expected, read as text (n.jsonl line 1: output: 0;" in said

@@ -18,8 +18,23 @@ from ftcli.errors import UserError
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def read_rows(source: str, split: str = "train", limit: int | None = None) -> list[dict]:
-    """All rows of a file or hub dataset as plain dicts (the first `limit` when given)."""
+class Rows(list):
+    """Rows (dicts) and where each is in its file, as a person finds it: "line 12" of a JSON lines or CSV file
+    (the line its record starts on), "item 3" of a .json list, "row 7" (its index) of a parquet file or hub set."""
+
+    def __init__(self, rows, places: list[str] | None = None):
+        super().__init__(rows)
+        self.places = places if places is not None else [f"row {i}" for i in range(len(rows))]
+
+    def place(self, i: int) -> str:
+        return self.places[i]
+
+    def head(self, n: int | None) -> "Rows":
+        return self if n is None else Rows(self[:n], self.places[:n])
+
+
+def read_rows(source: str, split: str = "train", limit: int | None = None) -> Rows:
+    """All rows of a file or hub dataset as plain dicts (the first `limit` when given), with their places."""
     path = Path(source)
     suffix = path.suffix.lower()
     if path.exists() or suffix in LOADERS:
@@ -33,7 +48,7 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
             rows = _read_text_rows(path, suffix)
             if not rows:
                 raise UserError(f"data {source}: no rows")
-            return rows[:limit] if limit is not None else rows
+            return rows.head(limit)
     import datasets  # only for parquet and the hub: it costs a second to import (progress bars: logs.quiet)
 
     if path.exists():
@@ -58,7 +73,7 @@ def read_rows(source: str, split: str = "train", limit: int | None = None) -> li
     rows = ds.to_list()
     if not rows:
         raise UserError(f"data {source}: no rows")
-    return rows
+    return Rows(rows)
 
 
 def read_text(path: Path, what: str = "data file", hint: str = "save it as UTF-8 JSON lines, JSON or CSV") -> str:
@@ -87,11 +102,17 @@ def jsonl_lines(text: str):
             yield n, line
 
 
-def _read_text_rows(path: Path, suffix: str) -> list[dict]:
+def _read_text_rows(path: Path, suffix: str) -> Rows:
     text = read_text(path)
     if suffix == ".csv":
         # newline="": quoted fields keep their own line breaks (and U+2028 and kin are not line breaks in CSV)
-        return list(csv.DictReader(io.StringIO(text, newline="")))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows, places, line = [], [], 1  # the header is line 1
+        for row in reader:
+            rows.append(row)
+            places.append(f"line {line + 1}")
+            line = reader.line_num
+        return Rows(rows, places)
     if suffix == ".json":
         try:
             doc = json.loads(text)
@@ -101,7 +122,7 @@ def _read_text_rows(path: Path, suffix: str) -> list[dict]:
             return _check_objects(doc, path)
         if isinstance(doc, dict):
             raise UserError(f"data file {path}: a JSON object; expected a list of rows or one JSON object per line")
-    rows = []
+    rows, places = [], []
     for n, line in jsonl_lines(text):
         try:
             row = json.loads(line)
@@ -111,15 +132,16 @@ def _read_text_rows(path: Path, suffix: str) -> list[dict]:
             raise UserError(f"data file {path} line {n}: {_json_kind(row)}; each line must be one JSON object, "
                             'e.g. {"instruction": ..., "output": ...}')
         rows.append(row)
-    return rows
+        places.append(f"line {n}")
+    return Rows(rows, places)
 
 
-def _check_objects(rows: list, path: Path) -> list[dict]:
+def _check_objects(rows: list, path: Path) -> Rows:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UserError(f"data file {path} item {i + 1} of its list: {_json_kind(row)}; each item must be a "
                             "JSON object")
-    return rows
+    return Rows(rows, [f"item {i + 1}" for i in range(len(rows))])
 
 
 def _json_kind(value) -> str:
