@@ -24,8 +24,9 @@ from ftcli.errors import RunError
 TMP_SUFFIX = ".tmp"
 
 
-class WriteFailed(RunError):
-    """A file could not be written (disk full, file-size limit, permission, read-only file system)."""
+class WriteFailed(RunError, OSError):
+    """A file could not be written (disk full, file-size limit, permission, read-only file system). An OSError
+    too, so code that tolerates a failed optional write (a cache) still does."""
 
     def __init__(self, path: Path, cause: str):
         self.path, self.cause = Path(path), cause

@@ -130,6 +130,13 @@ def interrupted(tmp_path, tiny_model_dir, data, at: int) -> Path:
     return path
 
 
+def resume_saying(path) -> tuple[Path, str]:
+    """Resume the run of recipe `path`; returns its folder and what it said (joined by ' | ')."""
+    said = []
+    console = type("C", (), {"print": staticmethod(said.append), "is_terminal": False})()
+    return run(path, resume=True, console=console), " | ".join(map(str, said))
+
+
 def same_adapter(a: Path, b: Path) -> bool:
     x, y = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -178,10 +185,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_says_so_and_ends_equal(straigh
     out = tmp_path / "run"
     assert checkpoint.list_steps(out) == [3, 6, 9]
     damage("truncated", out / "checkpoints" / "step-9")
-    said = []
-    console = type("C", (), {"print": staticmethod(said.append), "is_terminal": False})()
-    resumed = run(path, resume=True, console=console)
-    said = " | ".join(map(str, said))
+    resumed, said = resume_saying(path)
     assert "skipping checkpoint step-9: trainable.safetensors has" in said and "resuming" in said
     assert f"resuming {out} from step 6" in said
     assert same_adapter(resumed, straight_run)
@@ -193,10 +197,7 @@ def test_resume_with_no_checkpoint_that_verifies_starts_again_from_step_0(straig
     path = interrupted(tmp_path, tiny_model_dir, data, at=3)
     out = tmp_path / "run"
     damage("flipped", out / "checkpoints" / "step-3")
-    said = []
-    console = type("C", (), {"print": staticmethod(said.append), "is_terminal": False})()
-    resumed = run(path, resume=True, console=console)
-    said = " | ".join(map(str, said))
+    resumed, said = resume_saying(path)
     assert "skipping checkpoint step-3" in said and "starting again from step 0" in said
     assert same_adapter(resumed, straight_run)
     train_steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()

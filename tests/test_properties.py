@@ -19,7 +19,7 @@ from ftcli.data.tokenize import Encoded
 from ftcli.errors import UserError
 from ftcli.recipe import Recipe, apply_override, validate
 
-FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # ------------------------------------------------------------------------------------------------------------
 # recipes
@@ -285,3 +285,33 @@ def test_weight_1_is_itself_and_1_minus_1_cancels(ads):
     _, tensors = merge.merge_loaded([a, a], "cat", [1.0, -1.0])
     for m in a.factors:
         assert float(merged_delta(tensors, m).abs().max()) <= 1e-12 * (1 + float(delta(a, m).abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# masks
+
+WORDS = ["the", "answer", "is", "paris", "naïve", "日本語", "🙂", "x=1", "a,b", "end.", "Ⅻ", "über"]
+content = st.lists(st.sampled_from(WORDS), min_size=1, max_size=6).flatmap(
+    lambda ws: st.lists(st.sampled_from([" ", " ", "\n", ", "]), min_size=len(ws) - 1, max_size=len(ws) - 1).map(
+        lambda seps: ws[0] + "".join(s + w for s, w in zip(seps, ws[1:]))))
+
+
+@st.composite
+def conversations(draw):
+    messages = [{"role": "system", "content": draw(content)}] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 4))):
+        messages.append({"role": "user", "content": draw(content)})
+        messages.append({"role": "assistant", "content": draw(content)})
+    return messages
+
+
+@given(conversations(), st.sampled_from([None, "chatml"]))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_only_assistant_turns_and_their_end_of_turn_are_trained(tiny_tokenizer, messages, template):
+    from ftcli.data.formats import Example
+    from ftcli.data.tokenize import Encoder, show_mask
+
+    enc = Encoder(tiny_tokenizer, template=template, max_len=4096).encode(Example(messages=messages))
+    trained = [text for text, t in show_mask(tiny_tokenizer, enc) if t]
+    assert trained == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    assert enc.trained[0] is False and enc.input_ids.count(tiny_tokenizer.bos_token_id) == 1

@@ -173,3 +173,19 @@ def test_check_says_numbers_were_read_as_text(tmp_path, tiny_model_dir, run_cli)
     assert code == 0, err
     said = " ".join(out.split())
     assert "12 rows had a number where text is expected, read as text (n.jsonl line 1: output: 0;" in said
+
+
+def test_an_unreadable_file(tmp_path, monkeypatch):
+    """Permission denied (simulated: the tests may run as root, whom file modes do not stop)."""
+    import errno
+    from pathlib import Path
+
+    f = tmp_path / "locked.jsonl"
+    f.write_bytes(jsonl(ROWS))
+
+    def refuse(self):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(UserError, match="locked.jsonl: cannot be read \\(Permission denied\\)"):
+        read_rows(str(f))
