@@ -93,6 +93,15 @@ def sha256(f: Path) -> str:
 def verify(ckpt: Path) -> str | None:
     """None when the checkpoint folder is whole (every file as its manifest says); else why not, in words."""
     try:
+        return _verify(ckpt)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return f"{MANIFEST} is damaged"
+    except Exception as e:  # safetensors' own errors for a header that does not parse
+        return f"{TRAINABLE} cannot be read ({type(e).__name__}: {e})"
+
+
+def _verify(ckpt: Path) -> str | None:
+    try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         files, tensors = manifest["files"], manifest["tensors"]
     except FileNotFoundError:
