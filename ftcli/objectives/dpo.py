@@ -219,6 +219,11 @@ class Dpo(Objective):
             "chosen_logp": c.sum(), "rejected_logp": r.sum(),
             "logp_accuracy": (c > r).float().sum()}  # does the policy itself prefer chosen (summed log-prob)?
 
+    def memory(self, *, total, strategy):
+        p: DpoParams = self.params
+        uses_copy = p.reference == "copy" or (p.reference == "auto" and not strategy.adapter_off_is_base)
+        return {"DPO reference copy": total * 4} if p.loss in WITH_REFERENCE and uses_copy else {}
+
     def notice(self, step: int, metrics: dict) -> str | None:
         if step == STUCK_AFTER and self.params.loss in WITH_REFERENCE and metrics.get("reward_margin") == 0.0:
             return (f"dpo: the reward margin is still exactly 0 after {step} steps: the policy has not moved from "
