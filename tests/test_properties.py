@@ -85,7 +85,8 @@ def test_a_recipe_survives_its_resolved_yaml(raw):
     recipe = validate(copy.deepcopy(raw))
     text = recipe.to_yaml()
     again = validate(yaml.safe_load(text))
-    assert again == recipe
+    # every field equal (the reason `auto` precision gave is not a field: the resolved file says what was chosen)
+    assert again.model_dump() == recipe.model_dump() and type(again.strategy) is type(recipe.strategy)
     assert again.to_yaml() == text
 
 
