@@ -23,7 +23,7 @@ from conftest import make_recipe, write_jsonl
 # one thread, so that every run (straight, killed, resumed) sums in the same order
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 STEPS, EVERY = 36, 3
-pytestmark = pytest.mark.slow  # about 20 processes of ftcli train: a minute or two
+pytestmark = pytest.mark.slow  # 15 processes of ftcli train: a minute or two
 
 # Run by `python -c` instead of `-m ftcli`: SIGKILL the process itself inside the Nth checkpoint write, at the
 # point KILL_AT names, so the test also kills while a checkpoint is half-written, deterministically.
@@ -174,71 +174,70 @@ def assert_same_run(run: Path, straight: Path) -> None:
     assert not leftovers, leftovers
 
 
-def test_sigkill_at_random_moments_then_resume_equals_the_uninterrupted_run(setup, tmp_path):
-    """SIGKILL at random moments (a random step, then a random delay: mid-step, mid-validation or mid-checkpoint,
-    wherever it lands), and three times from inside a checkpoint being written (before its manifest, before the
-    rename, half-way through its files); --resume each time; the end is the uninterrupted run's, bit for bit."""
+def signalled(proc: Proc, sig, out: Path) -> list[str]:
+    """A SIGTERM or SIGINT ends the run with exit 1 after a checkpoint, saying so and how to resume; returns the
+    printed command (without `ftcli`)."""
+    assert proc.wait() == 1, proc.text()[-2000:]
+    message = " ".join(proc.text().split())
+    name = signal.Signals(sig).name
+    assert f"interrupted ({name}) at step" in message and "Traceback" not in message, message[-2000:]
+    step = int(message.split(f"interrupted ({name}) at step ")[1].split(";")[0])
+    assert f"checkpoint step-{step} written" in message and step == max(steps_in(out))
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["status"] == "interrupted" and report["run"]["steps"] == step
+    assert not (out / "adapter").exists()
+    command = shlex.split(message.split("continue with: ")[1].split(" (run folder")[0])
+    assert command[:2] == ["ftcli", "train"] and command[-1] == "--resume"
+    return command[1:]
+
+
+def test_killed_at_random_moments_and_signalled_then_resumed_equals_the_uninterrupted_run(setup, tmp_path):
+    """One run, stopped nine times and resumed each time, ends with the uninterrupted run's adapter, bit for bit:
+    SIGKILL at random moments (a random step, then a random delay: mid-step, mid-validation or mid-checkpoint,
+    wherever it lands); SIGKILL from inside a checkpoint being written (half-way through its files, before its
+    manifest, before its rename); SIGTERM and SIGINT (the step finishes, a checkpoint is written, exit 1, and the
+    printed command resumes)."""
     recipe, straight = setup
     out = tmp_path / "run"
     rng = random.Random(14)
-    targets = sorted(rng.sample(range(2 * EVERY, STEPS - 2 * EVERY), 5))
-    inside = {0: "mid-write", 2: "before-manifest", 3: "before-rename"}  # after the nth random kill
+    plan = ["SIGTERM", "SIGKILL", "mid-write", "SIGKILL", "before-manifest", "SIGINT", "SIGKILL", "before-rename",
+            "SIGKILL"]
+    targets = iter(sorted(rng.sample(range(2 * EVERY, STEPS - 2 * EVERY), sum(p.startswith("SIG") for p in plan))))
+    command = ["train", recipe, "--output", out]
     kills, logs, seen = 0, [], []
-
-    def note(text: str) -> None:
-        logs.append(text)
-        seen.append(max(steps_in(out), default=0))
-
-    for n, target in enumerate(targets):
-        proc = Proc(tmp_path / f"{n}.log", "train", recipe, "--output", out, *(["--resume"] if n else []))
-        if proc.wait_until(lambda: proc.step() >= target):
-            time.sleep(rng.uniform(0.0, 0.2))
-        proc.signal(signal.SIGKILL)
-        kills += proc.wait() == -signal.SIGKILL
-        note(proc.text())
-        if n in inside:  # the first checkpoint this resumed process writes is killed half-way
-            p = Proc(tmp_path / f"{n}-inside.log", "train", recipe, "--output", out, "--resume",
-                     killer={"KILL_IN": "1", "KILL_AT": inside[n]})
-            assert p.wait() == -signal.SIGKILL, p.text()[-2000:]
+    for n, how in enumerate(plan):
+        if how.startswith("SIG"):
+            proc = Proc(tmp_path / f"{n}.log", *command)
+            target = next(targets)
+            if proc.wait_until(lambda: proc.step() >= target):
+                time.sleep(rng.uniform(0.0, 0.2) if how == "SIGKILL" else 0.0)
+            proc.signal(getattr(signal, how))
+            if how == "SIGKILL":
+                kills += proc.wait() == -signal.SIGKILL
+            else:
+                printed = signalled(proc, getattr(signal, how), out)
+                assert printed[1:] == [str(a) for a in [recipe, "--output", out, "--resume"]]
+        else:  # the first checkpoint this resumed process writes is killed half-way
+            proc = Proc(tmp_path / f"{n}.log", *command, killer={"KILL_IN": "1", "KILL_AT": how})
+            assert proc.wait() == -signal.SIGKILL, proc.text()[-2000:]
             kills += 1
-            assert list((out / "checkpoints").glob(".step-*.tmp")), f"{inside[n]}: no half-written checkpoint"
-            note(p.text())
-    done = ftcli("train", recipe, "--output", out, "--resume")
+            assert list((out / "checkpoints").glob(".step-*.tmp")), f"{how}: no half-written checkpoint"
+        logs.append(proc.text())
+        seen.append(max(steps_in(out), default=0))
+        command = ["train", recipe, "--output", out, "--resume"]
+    done = ftcli(*command)
     assert done.returncode == 0, done.stderr[-3000:]
     logs.append(done.stdout)
     assert_same_run(out, straight)
     text = "\n".join(logs)
     resumed_from = [int(x.split(" from step ")[1].split()[0]) for x in text.splitlines() if x.startswith("resuming ")]
     cleaned, skipped = text.count("left half-written"), text.count("skipping checkpoint")
-    assert kills >= 7 and cleaned >= 3 and len(resumed_from) == len(logs) - 1
-    print(f"\nSIGKILL {kills} times (newest checkpoint on disk after each kill: {seen}); {len(resumed_from)} resumes, "
-          f"each from the newest checkpoint, verified by its manifest (steps {resumed_from}); {cleaned} half-written "
-          f"checkpoint folders removed, {skipped} checkpoints skipped; the final adapter bitwise equal (torch.equal "
-          "on every tensor) and every step's loss equal to the uninterrupted run's")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_checkpoint_exit_1_and_say_how_to_resume(setup, tmp_path, sig):
-    recipe, straight = setup
-    out = tmp_path / "run"
-    proc = Proc(tmp_path / "log", "train", recipe, "--output", out)
-    assert proc.wait_until(lambda: max(steps_in(out), default=0) >= 2 * EVERY)
-    proc.signal(sig)
-    assert proc.wait() == 1, proc.text()[-2000:]
-    message = " ".join(proc.text().split())
-    name = signal.Signals(sig).name
-    assert f"interrupted ({name}) at step" in message and "Traceback" not in message
-    step = int(message.split(f"interrupted ({name}) at step ")[1].split(";")[0])
-    assert f"checkpoint step-{step} written" in message and step in steps_in(out)
-    assert not (out / "adapter").exists()
-    report = json.loads((out / "report.json").read_text())
-    assert report["run"]["status"] == "interrupted" and report["run"]["steps"] == step
-    command = shlex.split(message.split("continue with: ")[1].split(" (run folder")[0])
-    assert command[:2] == ["ftcli", "train"] and command[-1] == "--resume"
-    done = ftcli(*command[1:])
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"from step {step}" in done.stdout
-    assert_same_run(out, straight)
+    assert kills == 7 and cleaned == 3 and len(resumed_from) == len(plan)
+    print(f"\n{len(plan)} stops ({', '.join(plan)}); newest checkpoint on disk after each: {seen}; "
+          f"{len(resumed_from)} resumes, each from the newest checkpoint, verified by its manifest (steps "
+          f"{resumed_from}); {cleaned} half-written checkpoint folders removed, {skipped} checkpoints skipped; the "
+          "final adapter bitwise equal (torch.equal on every tensor) and every step's loss equal to the "
+          "uninterrupted run's")
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_resume(setup, tmp_path, run_cli):
