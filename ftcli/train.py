@@ -9,7 +9,9 @@ count before backward, so the gradient is that of the mean over the whole step, 
 micro-batch of more than `training.pass_tokens` positions runs as several forward/backward passes of whole rows
 (the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every `eval.every` steps and
 at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss stops the run
-before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits.
+before the bad update is applied; Ctrl-C or SIGTERM finishes the step, writes a checkpoint and exits 1 with the
+command that resumes; --resume continues from the newest checkpoint that verifies (ftcli/checkpoint.py). A write
+that fails (disk full, size limit, permission) ends the run naming the file, the last checkpoint intact.
 """
 
 from __future__ import annotations
