@@ -3,7 +3,8 @@
 - `trainable.safetensors`: the values of the parameters the optimiser owns (adapter or weights), by name;
 - `optimizer.pt`, `scheduler.pt`: their state dicts (tensors and numbers only; loaded with weights_only=True);
 - `rng.pt`: the torch (and CUDA) generator states; `state.json`: step, data position, Python's RNG, the
-  strategy's own state and the metrics so far.
+  strategy's own state and the metrics so far;
+- `extra.safetensors` (when the run records them): the SI path integral so far.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ftcli import atomic
 
 PREFIX = "step-"
+EXTRA = "extra.safetensors"
 
 
 def folder(run_dir: Path) -> Path:
@@ -36,11 +38,15 @@ def list_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int,
+         extra: dict | None = None) -> Path:
+    """`extra`: tensors of what else watched the run (the SI path integral so far), in `extra.safetensors`."""
     target = folder(run_dir) / f"{PREFIX}{step}"
     with atomic.folder(target) as tmp:
         tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in named_params}
         save_file(tensors, str(tmp / "trainable.safetensors"))
+        if extra:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in extra.items()}, str(tmp / EXTRA))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"torch": torch.get_rng_state()}
@@ -75,6 +81,12 @@ def load(run_dir: Path, named_params, optimizer, scheduler) -> dict:
     state = json.loads((src / "state.json").read_text())
     random.setstate(_py_rng_from_json(state["python_rng"]))
     return state
+
+
+def load_extra(run_dir: Path) -> dict:
+    """The newest checkpoint's `extra` tensors (empty when it has none)."""
+    f = folder(run_dir) / f"{PREFIX}{list_steps(run_dir)[-1]}" / EXTRA
+    return load_file(str(f)) if f.is_file() else {}
 
 
 def _py_rng_to_json(s):

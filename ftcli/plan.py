@@ -27,13 +27,16 @@ class Plan:
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int,
-                    optimized: int | None = None) -> dict[str, float]:
-    """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
-    (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
-    upper bound), and what the strategy keeps besides (EWC's Fisher and anchor). `optimized`: parameters AdamW
-    keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
+def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list) -> dict[str, float]:
+    """Training memory by part, in MB: weights as the strategy stores them, gradients and optimiser state (of
+    `training.optimizer`), activations (of one forward/backward pass: batch × max_len positions, every row full, at
+    most `training.pass_tokens`: an upper bound), and what the strategy keeps besides (EWC's Fisher and anchor).
+    `shapes`: of the tensors the optimiser owns (hft: every parameter that trains in some round)."""
+    import math
+
     import torch
+
+    from ftcli import optimizers
 
     cfg = model.config
     layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
@@ -45,8 +48,10 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int,
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": parts.pop("weights"), "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
+    out = {"weights": parts.pop("weights"), **optimizers.memory(recipe.training.optimizer, trainable, shapes),
            "activations (upper bound)": activations, **parts}
+    if recipe.training.record_si:
+        out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -84,7 +89,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     steps, _ = recipe.total_steps(len(bundle.train))
-    optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
+    shapes = [q.shape for _, q in strategy.train_params(model)]
+    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes)
     example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
     return Plan(splits, trainable, total, steps, example, notes, memory)

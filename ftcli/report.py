@@ -39,14 +39,22 @@ def git_commit() -> str | None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, written with one write call and flushed per line."""
+    """metrics.jsonl: one JSON object per line, written with one write call and flushed per line; each record also
+    goes to the run's trackers (ftcli/trackers.py), so they hold the same numbers."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, trackers: list | None = None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.trackers = trackers or []
 
     def append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        for t in self.trackers:
+            t.log(record)
+
+    def close(self, status: str) -> None:
+        for t in self.trackers:
+            t.close(status)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -63,6 +71,8 @@ class MetricsLog:
         """On resume: drop what was logged after the checkpoint, so the log reads as one uninterrupted run."""
         keep = [r for r in self.read() if r.get("step", 0) <= step]
         atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        for t in self.trackers:
+            t.truncate_after(step)
 
 
 # ------------------------------------------------------------------------------------------------------------
