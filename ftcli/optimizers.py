@@ -70,7 +70,7 @@ def updates(optimizer, prepared, accelerator, params, max_grad_norm: float | Non
             raise UserError("training.optimizer lomo runs in one process: its update is applied inside backward, "
                             "before a data-parallel all-reduce of the gradient could happen. Use adamw_8bit or "
                             "adafactor for a low-memory multi-process run.")
-        return InBackward(optimizer, accelerator)
+        return InBackward(optimizer, prepared, accelerator)
     return Updates(prepared, accelerator, params, max_grad_norm)
 
 
@@ -107,13 +107,14 @@ class InBackward(Updates):
 
     one_backward = True
 
-    def __init__(self, lomo: "Lomo", accelerator):
-        self.lomo, self.accelerator = lomo, accelerator
+    def __init__(self, lomo: "Lomo", prepared, accelerator):
+        self.lomo, self.optimizer, self.accelerator = lomo, prepared, accelerator
 
     def backward(self, loss) -> None:
         self.lomo.fused_backward(loss, self.accelerator.backward)
 
     def apply(self) -> float | None:
+        self.optimizer.step()  # nothing to do; the schedule counts it
         return self.lomo.last_norm
 
     def discard(self) -> None:
