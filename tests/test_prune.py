@@ -47,7 +47,7 @@ def test_prune_hits_the_asked_sparsity_exactly(tmp_path, tiny_model_dir, run_cli
             assert torch.equal(w[k], dense[k]), k
         report = json.loads((out / "prune.json").read_text())
         assert report["before"]["perplexity"] > 0 and report["after"]["perplexity"] != report["before"]["perplexity"]
-        assert report["worst_layer_error"] < 1e-12 if method == "magnitude" and ":" not in args[1] else True
+        assert report["worst_layer_error"] <= 1 / min(w[k].shape[1] for k in lin)  # one weight of a row at most
         assert "perplexity on 20 rows" in stdout
     code, stdout, err = run_cli("prune", tiny_model_dir, "--method", "wanda", "--sparsity", "0.5", "--out",
                                 tmp_path / "x")
