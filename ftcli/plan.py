@@ -59,12 +59,15 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes:
 
 def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli import data as data_mod
-    from ftcli import models, objectives, scoring, strategies
+    from ftcli import models, objectives, scoring, strategies, trackers
+    from ftcli.train import refuse_watchers
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)
+    refuse_watchers(recipe, strategy)
+    trackers.check(recipe)
     objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
