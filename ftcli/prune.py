@@ -211,9 +211,7 @@ def prune(spec: str, *, method: str, sparsity: float | None, pattern: str | None
                             f"{eval_rows} scored ones (lower --eval-rows or give more rows)")
         calibration, es.examples = rows[eval_rows:], rows[:eval_rows]
     t0 = time.perf_counter()
-    target = scoring.load_target(spec, allow_pickle=allow_pickle, log=log)
-    model, tokenizer = target.model.float().eval(), target.tokenizer
-    template = template or target.template
+    model, tokenizer, template = _load(spec, template, allow_pickle=allow_pickle, log=log)
     result = PruneResult(out=out, method=method, sparsity=sparsity, pattern=pattern, layers=0, pruned=0, total=0,
                          worst_layer_error=0.0)
     if es is not None:
@@ -233,7 +231,7 @@ def prune(spec: str, *, method: str, sparsity: float | None, pattern: str | None
     result.per_layer = per_layer
     result.layers = len(per_layer)
     result.total = sum(sizes[n] for n in per_layer)
-    result.pruned = sum(round(per_layer[n] * sizes[n]) for n in per_layer)
+    result.pruned = sum(int((m.weight == 0).sum()) for n, m in block_linears(model) if n in per_layer)
     result.worst_layer_error = max(abs(s - sparsity) for s in per_layer.values())
     if es is not None:
         log("perplexity after")
@@ -244,6 +242,20 @@ def prune(spec: str, *, method: str, sparsity: float | None, pattern: str | None
         atomic.write_json(tmp / REPORT, {**asdict(result), "out": str(out), "model": spec,
                                          "data": str(data) if data else None, "format": fmt})
     return result
+
+
+def _load(spec: str, template: str | None, *, allow_pickle: bool, log):
+    """(model, tokenizer, chat template): a run's model with its adapter folded into the float32 base (a 4-bit
+    base de-quantised first), or a base model; float32, in eval mode."""
+    from ftcli import models
+    from ftcli.run_folder import RunFolder
+
+    if RunFolder.holds_run(spec):
+        run = RunFolder(spec)
+        model, tokenizer = run.load_merged(allow_pickle=allow_pickle, log=log)
+        return model.float().eval(), tokenizer, template or run.chat_template
+    model, tokenizer = models.load_base(spec, allow_pickle=allow_pickle, log=log)
+    return model.float().eval(), tokenizer, template
 
 
 def _ppl(scores: dict) -> dict:

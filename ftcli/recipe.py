@@ -289,8 +289,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
         recipe.data.chat_template = fix(recipe.data.chat_template)
     for r in recipe.eval.retention:
         r.data = fix(r.data)
-    if getattr(recipe.strategy, "from_run", None):  # si: a run folder, relative to the recipe like a data file
-        recipe.strategy.from_run = str((base / Path(recipe.strategy.from_run).expanduser()).resolve())
+    run = getattr(recipe.strategy, "from_run", None)  # si: a run folder, found as base_model is (below)
+    if run and (run.startswith(".") or (base / run).is_dir()):
+        recipe.strategy.from_run = str((base / run).resolve())
     if recipe.base_model.startswith(".") or (base / recipe.base_model).is_dir():
         recipe.base_model = str((base / recipe.base_model).resolve())
 

@@ -3,6 +3,9 @@ real `ftcli` commands and prints markdown tables (docs/strategies.md). Heavy: ru
 
     flock /tmp/ftcli-heavy.lock python scripts/evidence_methods.py optimizers|forgetting|prune --out runs/evidence-17
 
+`python -m ftcli` runs the package of the working directory when it has one: run from a copy of the repository to
+keep edits away from a long evidence job.
+
 optimizers: full fine-tuning with each training.optimizer, same data/steps/seed: peak RSS and validation loss.
 forgetting: task 1 SST-2 (full, record_si), then task 2 Alpaca from it with full, ewc and si; SST-2 accuracy
             (retention set, scored before and after task 2) is the forgetting of task 1.
@@ -21,7 +24,7 @@ from pathlib import Path
 import yaml
 
 DATA = Path("/work/shared/data")
-BIN = Path(sys.executable).parent / "ftcli"
+FTCLI = [sys.executable, "-m", "ftcli"]  # the package of the working directory first (a snapshot, see --help)
 
 
 def train(out: Path, name: str, doc: dict) -> dict:
@@ -30,7 +33,7 @@ def train(out: Path, name: str, doc: dict) -> dict:
     recipe = out / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({**doc, "output": str(folder)}))
     t0 = time.time()
-    subprocess.run([str(BIN), "train", str(recipe), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*FTCLI, "train", str(recipe), "--overwrite"], check=True, stdout=subprocess.DEVNULL)
     report = json.loads((folder / "report.json").read_text())
     report["_wall"] = time.time() - t0
     return report
@@ -92,7 +95,7 @@ def prune(out: Path, eval_rows: int, calibration_rows: int) -> None:
         for args in (["--sparsity", "0.2"], ["--sparsity", "0.4"], ["--sparsity", "0.5"], ["--pattern", "2:4"]):
             folder = out / f"prune-{method}-{args[1]}"
             t0 = time.time()
-            subprocess.run([str(BIN), "prune", "smollm2-135m-instruct", "--method", method, *args, "--out",
+            subprocess.run([*FTCLI, "prune", "smollm2-135m-instruct", "--method", method, *args, "--out",
                             str(folder), "--data", str(DATA / "alpaca/test.jsonl"), "--eval-rows", str(eval_rows),
                             "--calibration-rows", str(calibration_rows), "--overwrite"], check=True,
                            stdout=subprocess.DEVNULL)
