@@ -7,9 +7,13 @@ Per optimiser step (`Trainer.step`): the step's micro-batches are collated first
 them taken (trained tokens for sft and distill, pairs for dpo); each micro-batch's loss sum is divided by that
 count before backward, so the gradient is that of the mean over the whole step, whatever `grad_accum` is. A
 micro-batch of more than `training.pass_tokens` positions runs as several forward/backward passes of whole rows
-(the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every `eval.every` steps and
-at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss stops the run
-before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits.
+(the same sum, the memory of one pass). The strategy's penalty (ewc, si) gets a backward of its own after the
+task's, or joins the step's one pass under an optimiser that updates inside backward (lomo). Then the optimiser's
+update (`optimizers.Updates`: clipping and the step of `training.optimizer`), what watches every update (zeros kept
+after pruning, the SI path integral), the schedule. Validation every `eval.every` steps and at the end;
+checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss or gradient norm stops the
+run before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits. Every record of
+metrics.jsonl also goes to the trackers of `report_to`.
 """
 
 from __future__ import annotations
