@@ -48,8 +48,13 @@ def make(recipe, named_params) -> torch.optim.Optimizer:
     if t.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=t.lr)
     if t.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        try:
+            import bitsandbytes as bnb
+        except (ImportError, RuntimeError) as e:
+            from ftcli.errors import UserError
 
+            raise UserError(f"training.optimizer adamw_8bit: bitsandbytes cannot run here ({e}); use adafactor or "
+                            "lomo for a low-memory optimiser") from None
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas, eps=1e-8)
     if t.optimizer == "lomo":
         return Lomo(groups, lr=t.lr, max_grad_norm=t.max_grad_norm)
