@@ -88,20 +88,21 @@ def forgetting(out: Path, steps: int) -> None:
               f"{r['_wall']:.0f} |", flush=True)
 
 
-def prune(out: Path, eval_rows: int, calibration_rows: int) -> None:
+def prune(out: Path, eval_rows: int, calibration_rows: int, cases: str) -> None:
     print("| method | sparsity | perplexity before → after | s |")
     print("| --- | --- | --- | ---: |")
-    for method in ("magnitude", "wanda"):
-        for args in (["--sparsity", "0.2"], ["--sparsity", "0.4"], ["--sparsity", "0.5"], ["--pattern", "2:4"]):
-            folder = out / f"prune-{method}-{args[1]}"
-            t0 = time.time()
-            subprocess.run([*FTCLI, "prune", "smollm2-135m-instruct", "--method", method, *args, "--out",
-                            str(folder), "--data", str(DATA / "alpaca/test.jsonl"), "--eval-rows", str(eval_rows),
-                            "--calibration-rows", str(calibration_rows), "--overwrite"], check=True,
-                           stdout=subprocess.DEVNULL)
-            r = json.loads((folder / "prune.json").read_text())
-            print(f"| {method} | {args[1]} | {r['before']['perplexity']:.3f} → {r['after']['perplexity']:.3f} | "
-                  f"{time.time() - t0:.0f} |", flush=True)
+    for case in cases.split(","):
+        method, _, amount = case.partition("@")
+        args = ["--pattern", amount] if ":" in amount else ["--sparsity", amount]
+        folder = out / f"prune-{method}-{args[1]}"
+        t0 = time.time()
+        subprocess.run([*FTCLI, "prune", "smollm2-135m-instruct", "--method", method, *args, "--out",
+                        str(folder), "--data", str(DATA / "alpaca/test.jsonl"), "--eval-rows", str(eval_rows),
+                        "--calibration-rows", str(calibration_rows), "--overwrite"], check=True,
+                       stdout=subprocess.DEVNULL)
+        r = json.loads((folder / "prune.json").read_text())
+        print(f"| {method} | {args[1]} | {r['before']['perplexity']:.3f} → {r['after']['perplexity']:.3f} | "
+              f"{time.time() - t0:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -111,13 +112,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eval-rows", type=int, default=50)
     ap.add_argument("--calibration-rows", type=int, default=16)
+    ap.add_argument("--cases", default="magnitude@0.2,magnitude@0.4,magnitude@0.5,magnitude@2:4,wanda@0.2,wanda@0.4,"
+                    "wanda@0.5,wanda@2:4", help="prune: METHOD@SPARSITY or METHOD@N:M, comma-separated")
     a = ap.parse_args()
     if a.what == "optimizers":
         optimizers(a.out, a.steps)
     elif a.what == "forgetting":
         forgetting(a.out, a.steps)
     else:
-        prune(a.out, a.eval_rows, a.calibration_rows)
+        prune(a.out, a.eval_rows, a.calibration_rows, a.cases)
 
 
 if __name__ == "__main__":
