@@ -38,6 +38,10 @@ class SiParams(Params):
     damping: float = Field(1e-3, gt=0, description="ξ in Ω = ω / (Δ² + ξ) (the paper's value)")
     normalize: bool = Field(True, description="divide Ω by its mean so c is comparable across models")
 
+    def resolve_paths(self, fix_model) -> None:
+        if self.from_run:
+            self.from_run = fix_model(self.from_run)
+
 
 class Si(Anchored):
     name = "si"
