@@ -57,7 +57,7 @@ def optimizers(out: Path, steps: int) -> None:
 
 def forgetting(out: Path, steps: int) -> None:
     sst_val = {"data": str(DATA / "sst2/validation.jsonl"), "format": "classification", "metric": "accuracy",
-               "limit": 200, "name": "sst2", "fields": {"label": "label_text"}}
+               "limit": 100, "name": "sst2", "fields": {"label": "label_text"}}
     task1 = train(out, "task1-sst2", {
         "strategy": {"name": "full"},
         "data": {"train": str(DATA / "sst2/train.jsonl"), "format": "classification", "limit": 2000,
