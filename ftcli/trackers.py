@@ -94,9 +94,9 @@ class MLflow:
     def _log_params(self, recipe) -> None:
         from mlflow.entities import Param
 
-        from ftcli.run_folder import _flat
+        from ftcli.run_folder import flat_keys
 
-        flat = _flat(recipe.model_dump(mode="json", exclude={"source"}, by_alias=True))
+        flat = flat_keys(recipe.model_dump(mode="json", exclude={"source"}, by_alias=True))
         params = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
