@@ -27,11 +27,13 @@ class Plan:
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list) -> dict[str, float]:
+def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list,
+                    objective=None) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients and optimiser state (of
     `training.optimizer`), activations (of one forward/backward pass: batch × max_len positions, every row full, at
-    most `training.pass_tokens`: an upper bound), and what the strategy keeps besides (EWC's Fisher and anchor).
-    `shapes`: of the tensors the optimiser owns (hft: every parameter that trains in some round)."""
+    most `training.pass_tokens`: an upper bound), and what the strategy and the objective keep besides (EWC's Fisher
+    and anchor, a DPO reference copy, a teacher). `shapes`: of the tensors the optimiser owns (hft: every parameter
+    that trains in some round)."""
     import math
 
     import torch
@@ -43,6 +45,8 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes:
     block_linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
                        if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
     parts = strategy.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+    if objective is not None:
+        parts.update(objective.memory(total=total, strategy=strategy))
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
@@ -97,7 +101,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     steps, _ = recipe.total_steps(len(bundle.train))
     shapes = [q.shape for _, q in strategy.train_params(model)]
-    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes)
+    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]
