@@ -4,6 +4,7 @@
 - `optimizer.pt`, `scheduler.pt`: their state dicts (tensors and numbers only; loaded with weights_only=True);
 - `rng.pt`: the torch (and CUDA) generator states; `state.json`: step, data position, Python's RNG, the
   strategy's own state and the metrics so far;
+- `extra.safetensors` (when the run records them): the SI path integral so far;
 - `manifest.json`, written last: every file's size and sha256, and the name, shape and dtype of every trained
   tensor. A checkpoint is used only when its manifest verifies; `--resume` takes the newest that does and says
   which it skipped and why (a file cut short by a full disk, damaged on disk, or missing).
@@ -31,6 +32,7 @@ PREFIX = "step-"
 MANIFEST = "manifest.json"
 TRAINABLE = "trainable.safetensors"
 MANIFEST_FORMAT = 1
+EXTRA = "extra.safetensors"
 
 
 def folder(run_dir: Path) -> Path:
@@ -53,8 +55,10 @@ def list_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` (the manifest last), then remove all but the newest `keep`."""
+def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int,
+         extra: dict | None = None) -> Path:
+    """Write checkpoint `step` (the manifest last), then remove all but the newest `keep`. `extra`: tensors of
+    what else watched the run (the SI path integral so far), in `extra.safetensors`."""
     target = path(run_dir, step)
     tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in named_params}
     rng = {"torch": torch.get_rng_state()}
@@ -63,11 +67,15 @@ def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: di
     state = dict(state, step=step, python_rng=_py_rng_to_json(random.getstate()))
     with atomic.folder(target) as tmp:
         writers = {TRAINABLE: lambda f: save_file(tensors, str(f)),
+                   EXTRA: lambda f: save_file({k: v.detach().to("cpu").contiguous() for k, v in extra.items()},
+                                              str(f)),
                    "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
                    "scheduler.pt": lambda f: torch.save(scheduler.state_dict(), f),
                    "rng.pt": lambda f: torch.save(rng, f),
                    "state.json": lambda f: f.write_text(json.dumps(state, indent=1, default=str)),
                    MANIFEST: lambda f: write_manifest(tmp, step, tensors)}  # last: it lists the others
+        if not extra:
+            del writers[EXTRA]
         for name, write in writers.items():
             with atomic.writing(target / name):  # a failure names the file as it would have been called
                 write(tmp / name)
@@ -165,6 +173,12 @@ def load(run_dir: Path, step: int, named_params, optimizer, scheduler) -> dict:
     state = json.loads((src / "state.json").read_text())
     random.setstate(_py_rng_from_json(state["python_rng"]))
     return state
+
+
+def load_extra(run_dir: Path, step: int) -> dict:
+    """Checkpoint `step`'s `extra` tensors (empty when it has none)."""
+    f = path(run_dir, step) / EXTRA
+    return load_file(str(f)) if f.is_file() else {}
 
 
 def remove_leftovers(run_dir: Path) -> list[Path]:

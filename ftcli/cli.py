@@ -290,6 +290,44 @@ def export(
     console.print(f"[bold]model folder:[/] {res.out}")
 
 
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="a built-in alias, a model folder, or a run folder"),
+    method: str = typer.Option(..., "--method", "-m", help="magnitude | wanda"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-s", help="fraction of each layer's weights "
+                                             "zeroed, 0 < S < 1 (implied by --pattern)"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M: keep N of every M consecutive weights, e.g. 2:4"),
+    out: Path = typer.Option(..., "--out", "-o", help="the pruned model folder to write"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="rows for perplexity before/after (and, after "
+                                        "them, wanda's calibration rows)"),
+    format: str = typer.Option("alpaca", "--format", "-f", help=" | ".join(SFT_FORMATS)),
+    eval_rows: int = typer.Option(100, "--eval-rows", help="rows of --data scored before and after"),
+    calibration_rows: int = typer.Option(32, "--calibration-rows", help="wanda: rows after the scored ones"),
+    max_len: int = typer.Option(512, "--max-len", help="wanda: tokens per calibration row"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Zero a fraction of every block linear weight (magnitude or Wanda, unstructured or N:M); perplexity before and
+    after; write a transformers folder. Train it further with training.keep_zeros to keep the zeros."""
+    from ftcli import prune as prune_mod
+    from ftcli.errors import UserError
+
+    if format not in SFT_FORMATS:
+        raise UserError(f"--format {format!r}: choose from {', '.join(SFT_FORMATS)}")
+    console = _console()
+    res = prune_mod.prune(model, method=method, sparsity=sparsity, pattern=pattern, out=out, data=data, fmt=format,
+                          eval_rows=eval_rows, calibration_rows=calibration_rows, max_len=max_len, template=template,
+                          overwrite=overwrite, allow_pickle=allow_pickle, log=lambda m: console.print(f"[dim]{m}[/]"))
+    console.print(f"{res.method}{' ' + res.pattern if res.pattern else ''}: {res.pruned:,} of {res.total:,} weights "
+                  f"in {res.layers} block linear layers zeroed ({res.pruned / max(res.total, 1):.4f}; asked "
+                  f"{res.sparsity:g}, worst layer off by {res.worst_layer_error:.2e})")
+    if res.before and res.after:
+        console.print(f"perplexity on {res.before['rows']} rows: {res.before['perplexity']:.3f} → "
+                      f"{res.after['perplexity']:.3f}")
+    console.print(f"[bold]model folder:[/] {res.out}")
+
+
 def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError

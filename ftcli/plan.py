@@ -28,14 +28,18 @@ class Plan:
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int, optimized: int | None = None,
+def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list,
                     objective=None) -> dict[str, float]:
-    """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
-    (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
-    upper bound), and what the strategy and the objective keep besides (EWC's Fisher and anchor, a DPO reference
-    copy, a teacher). `optimized`: parameters AdamW
-    keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
+    """Training memory by part, in MB: weights as the strategy stores them, gradients and optimiser state (of
+    `training.optimizer`), activations (of one forward/backward pass: batch × max_len positions, every row full, at
+    most `training.pass_tokens`: an upper bound), and what the strategy and the objective keep besides (EWC's Fisher
+    and anchor, a DPO reference copy, a teacher). `shapes`: of the tensors the optimiser owns (hft: every parameter
+    that trains in some round)."""
+    import math
+
     import torch
+
+    from ftcli import optimizers
 
     cfg = model.config
     layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
@@ -49,8 +53,10 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, optimiz
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": parts.pop("weights"), "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
+    out = {"weights": parts.pop("weights"), **optimizers.memory(recipe.training.optimizer, trainable, shapes),
            "activations (upper bound)": activations, **parts}
+    if recipe.training.record_si:
+        out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
@@ -58,12 +64,15 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, optimiz
 
 def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli import data as data_mod
-    from ftcli import models, objectives, scoring, strategies
+    from ftcli import models, objectives, scoring, strategies, trackers
+    from ftcli.train import refuse_watchers
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)
+    refuse_watchers(recipe, strategy)
+    trackers.check(recipe)
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
@@ -96,8 +105,8 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     if output:
         notes.append(output)
     steps, _ = recipe.total_steps(len(bundle.train))
-    optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized, objective)
+    shapes = [q.shape for _, q in strategy.train_params(model)]
+    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]

@@ -26,6 +26,8 @@ from ftcli.strategies import StrategyParams
 from ftcli.strategies.lora import LoraParams
 from ftcli.vocab import SFT_FORMATS, Format, Metric, metric_problem
 
+Tracker = Literal["tensorboard", "mlflow"]  # ftcli/trackers.py
+OptimizerName = Literal["adamw", "adafactor", "adamw_8bit", "lomo"]  # ftcli/optimizers.py
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 PASS_TOKENS = 512  # default training.pass_tokens
@@ -128,6 +130,25 @@ class Training(_Section):
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    optimizer: OptimizerName = Field(
+        "adamw", description="adamw | adafactor (factored, almost no state; lr is relative) | adamw_8bit "
+        "(bitsandbytes, 8-bit moments) | lomo (SGD fused into backward: no state, no stored gradients; "
+        "grad_accum 1)")
+    record_si: bool = Field(False, description="record the Synaptic Intelligence path integral of every trained "
+                            "weight into the run folder (importance.safetensors), for a later `strategy: si`")
+    keep_zeros: bool = Field(False, description="weights that are exactly zero at the start stay zero (recovery "
+                             "training of a model written by `ftcli prune`)")
+
+    @model_validator(mode="after")
+    def _optimizer_fits(self) -> "Training":
+        if self.optimizer == "lomo":
+            if self.grad_accum > 1:
+                raise ValueError("optimizer lomo applies each micro-batch's update inside its backward pass, so "
+                                 "gradients cannot be accumulated: set grad_accum: 1 and a larger batch_size")
+            if self.record_si:
+                raise ValueError("record_si needs each step's gradient beside its update; optimizer lomo never "
+                                 "keeps a gradient: use adamw, adafactor or adamw_8bit")
+        return self
 
 
 class Eval(_Section):
@@ -154,6 +175,8 @@ class Recipe(_Section):
     data: Data
     training: Training = Field(default_factory=Training)
     eval: Eval = Field(default_factory=Eval)
+    report_to: list[Tracker] = Field(default_factory=list, description="also log metrics.jsonl's numbers to "
+                                     "these trackers, offline, inside the run folder: tensorboard, mlflow")
     output: str | None = Field(None, description="run folder; default runs/<recipe name>")
 
     # where the recipe came from and the --set overrides applied to it (not YAML keys)
@@ -192,7 +215,10 @@ class Recipe(_Section):
         return self
 
     def pass_positions(self) -> int:
-        """Most positions (rows × length) one forward/backward pass computes; a row longer than that is one pass."""
+        """Most positions (rows × length) one forward/backward pass computes; a row longer than that is one pass.
+        Under lomo a micro-batch is one pass (its update happens inside the backward)."""
+        if self.training.optimizer == "lomo":
+            return self.training.batch_size * self.data.max_len
         return max(self.training.pass_tokens or PASS_TOKENS, self.data.max_len)
 
     def total_steps(self, n_train: int) -> tuple[int, int]:
@@ -306,6 +332,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
 
     recipe.base_model = fix_model(recipe.base_model)
     recipe.objective.resolve_paths(fix_model)
+    recipe.strategy.resolve_paths(fix_model)
 
 
 def default_output(recipe: Recipe) -> Path:

@@ -39,10 +39,12 @@ def git_commit() -> str | None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, written with one write call and flushed per line."""
+    """metrics.jsonl: one JSON object per line, written with one write call and flushed per line; each record also
+    goes to the run's trackers (ftcli/trackers.py), so they hold the same numbers."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, trackers: list | None = None):
         self.path = Path(run_dir) / METRICS_FILE
+        self.trackers = trackers or []
 
     def append(self, record: dict) -> None:
         try:
@@ -50,11 +52,17 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise atomic.WriteFailed(self.path, atomic.write_failure(self.path, e)) from e
+        for t in self.trackers:
+            t.log(record)
 
     def sync(self) -> None:
         """fsync the log (before a checkpoint: the lines up to it survive a power loss with it)."""
         if self.path.is_file():
             atomic.fsync_path(self.path)
+
+    def close(self, status: str) -> None:
+        for t in self.trackers:
+            t.close(status)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -71,6 +79,8 @@ class MetricsLog:
         """On resume: drop what was logged after the checkpoint, so the log reads as one uninterrupted run."""
         keep = [r for r in self.read() if r.get("step", 0) <= step]
         atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        for t in self.trackers:
+            t.truncate_after(step)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ class RunFolder:
         """Recipe keys that differ from the run being resumed (other than how long it runs)."""
         dump = dict(mode="json", exclude={"source"}, by_alias=True)  # as written (ewc's `lambda`)
         # both sides through the schema, so a key added since the run was written compares as its default
-        a, b = _flat(self.recipe.model_dump(**dump)), _flat(recipe.model_dump(**dump))
+        a, b = flat_keys(self.recipe.model_dump(**dump)), flat_keys(recipe.model_dump(**dump))
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
 
     def schedule_change_note(self, recipe) -> str | None:
@@ -247,12 +247,13 @@ class RunFolder:
                 "and the run differs from one planned at the new length from the start")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """{'training': {'lr': 1}} → {'training.lr': 1} (a `fields` mapping stays one value)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and k != "fields":
-            out.update(_flat(v, key + "."))
+            out.update(flat_keys(v, key + "."))
         else:
             out[key] = v
     return out

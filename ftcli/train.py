@@ -7,11 +7,15 @@ Per optimiser step (`Trainer.step`): the step's micro-batches are collated first
 them taken (trained tokens for sft and distill, pairs for dpo); each micro-batch's loss sum is divided by that
 count before backward, so the gradient is that of the mean over the whole step, whatever `grad_accum` is. A
 micro-batch of more than `training.pass_tokens` positions runs as several forward/backward passes of whole rows
-(the same sum, the memory of one pass). Then clipping, AdamW, the schedule. Validation every `eval.every` steps and
-at the end; checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss stops the run
-before the bad update is applied; Ctrl-C or SIGTERM finishes the step, writes a checkpoint and exits 1 with the
-command that resumes; --resume continues from the newest checkpoint that verifies (ftcli/checkpoint.py). A write
-that fails (disk full, size limit, permission) ends the run naming the file, the last checkpoint intact.
+(the same sum, the memory of one pass). The strategy's penalty (ewc, si) gets a backward of its own after the
+task's, or joins the step's one pass under an optimiser that updates inside backward (lomo). Then the optimiser's
+update (`optimizers.Updates`: clipping and the step of `training.optimizer`), what watches every update (zeros kept
+after pruning, the SI path integral), the schedule. Validation every `eval.every` steps and at the end;
+checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss or gradient norm stops the
+run before the bad update is applied; Ctrl-C or SIGTERM finishes the step, writes a checkpoint and exits 1 with
+the command that resumes; --resume continues from the newest checkpoint that verifies (ftcli/checkpoint.py). A
+write that fails (disk full, size limit, permission) ends the run naming the file, the last checkpoint intact.
+Every record of metrics.jsonl also goes to the trackers of `report_to`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from ftcli import atomic, checkpoint, report, scoring
+from ftcli import atomic, checkpoint, optimizers, report, scoring, trackers
 from ftcli.data import DataBundle
 from ftcli.data.batching import plan_epoch
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
@@ -97,6 +101,8 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
 
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)  # before any weight is loaded
+    refuse_watchers(recipe, strategy)
+    trackers.check(recipe)
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
@@ -117,25 +123,31 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     return Setup(recipe, strategy, objective, model, tokenizer, bundle, ctx, retention)
 
 
-def make_optimizer(recipe, named_params):
-    """AdamW; no weight decay on biases, norms and other 1-D parameters. torch's fused kernel where it applies
-    (float parameters on the CPU or CUDA): one pass over each tensor and no temporaries, which matters for full
-    fine-tuning (figures in docs/benchmarks.md). The HF Trainer's default is the same fused AdamW."""
-    t = recipe.training
-    decay = [p for n, p in named_params if p.ndim >= 2]
-    no_decay = [p for n, p in named_params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                for _, p in named_params)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=1e-8, fused=fused or None)
-
-
 def make_scheduler(recipe, optimizer, steps: int):
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[recipe.training.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=recipe.warmup_steps(steps), num_training_steps=steps)
+
+
+def refuse_watchers(recipe, strategy) -> None:
+    """A watcher that cannot work with this strategy is refused before any weight loads."""
+    if recipe.training.keep_zeros and strategy.artifact == "adapter":
+        raise UserError(f"training.keep_zeros: strategy {strategy.name} trains an adapter, whose ΔW is dense and "
+                        "would fill the zeros when folded; use a strategy that trains the weights themselves "
+                        "(full, frozen, hft, or ewc/si around them)")
+
+
+def watchers(recipe, strategy, named) -> list:
+    """What watches every update besides the optimiser: zeros kept (pruned models), the SI path integral."""
+    from ftcli import importance, prune
+
+    out = []
+    if recipe.training.keep_zeros:
+        out.append(prune.KeepZeros(named))  # first: the path integral sees the update as applied
+    if recipe.training.record_si:
+        out.append(importance.PathIntegral(named))
+    return out
 
 
 class _Interrupt:
@@ -304,7 +316,8 @@ class StepResult:
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.loss) and (self.penalty is None or math.isfinite(self.penalty))
+        return (math.isfinite(self.loss) and (self.penalty is None or math.isfinite(self.penalty))
+                and (self.grad_norm is None or math.isfinite(self.grad_norm)))
 
 
 class Trainer:
@@ -322,25 +335,30 @@ class Trainer:
         self.named = self.strategy.train_params(setup.model)
         if not self.named:
             raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
-        optimizer = make_optimizer(self.recipe, self.named)
+        optimizer = optimizers.make(self.recipe, self.named)
         self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train))
         scheduler = make_scheduler(self.recipe, optimizer, self.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(setup.model, optimizer, scheduler)
+        self.updates = optimizers.updates(optimizer, self.optimizer, self.accelerator, [p for _, p in self.named],
+                                          t.max_grad_norm)
+        # what watches every update (taken from the freshly loaded weights, so a resumed run sees the same start)
+        self.watchers = watchers(self.recipe, self.strategy, self.named)
         if t.compile:
             causal_lm(self.model).get_decoder().compile(dynamic=True)
         self.device = self.accelerator.device
         self.autocast = autocast_for(t.precision, self.device.type)
         self.pad_id = pad_id(setup.tokenizer)
-        self.metrics_log = report.MetricsLog(folder.path)
+        self.metrics_log = report.MetricsLog(folder.path, trackers.open_all(self.recipe, folder.path))
         self._plans: dict[int, list] = {}
         self.last_saved: int | None = None  # the step of the newest checkpoint written or resumed from
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> Path:
         state.strategy = self.strategy.state_dict()
+        extra = {k: v for w in self.watchers for k, v in w.state_tensors().items()}
         self.metrics_log.sync()  # the log up to this step reaches the disk with the checkpoint
         out = checkpoint.save(self.folder.path, state.step, self.strategy.train_params(self.model), self.optimizer,
-                              self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints)
+                              self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints, extra=extra)
         self.last_saved = state.step
         return out
 
@@ -349,6 +367,9 @@ class Trainer:
                                 self.scheduler)
         state = TrainState.from_checkpoint(saved)
         self.strategy.load_state_dict(state.strategy)
+        extra = checkpoint.load_extra(self.folder.path, step)
+        for w in self.watchers:
+            w.load_state_tensors(extra, state.step)
         state.resumed_from = self.last_saved = state.step
         self.metrics_log.truncate_after(state.step)
         return state
@@ -373,7 +394,7 @@ class Trainer:
                 for mb in self._plans[epoch][index]]
 
     def step(self, step: int) -> StepResult:
-        """Compute optimiser step `step` (0-based) and apply it, unless its loss is not finite."""
+        """Compute optimiser step `step` (0-based) and apply it, unless its loss or gradient is not finite."""
         self.strategy.on_step(step + 1, self.model)
         t0 = time.perf_counter()
         batches = self.micro_batches(step)
@@ -381,31 +402,37 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
-        for part in passes:
+        # the strategy's penalty (ewc, si) depends on the weights only; an optimiser that updates inside backward
+        # (lomo) takes it in the step's one pass, any other in a backward of its own after the task's gradient
+        extra = self.strategy.extra_loss(self.model, batches)
+        joined = extra is not None and self.updates.one_backward
+        result = StepResult(0.0, {}, None if extra is None else float(extra.detach()), count,
+                            sum(b.n_tokens for b in batches), sum(b.n_trained for b in batches),
+                            sum(p.n_positions for p in passes), 0.0)
+        for i, part in enumerate(passes):
             with self.autocast():
                 loss_sum, metrics = self.objective.loss_sum(self.model, part)
                 loss = loss_sum / count
-            self.accelerator.backward(loss)
             step_loss += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach() / count
-        result = StepResult(float(step_loss), {k: float(v) for k, v in sums.items()}, None, count,
-                            sum(b.n_tokens for b in batches), sum(b.n_trained for b in batches),
-                            sum(p.n_positions for p in passes), 0.0)
-        extra = self.strategy.extra_loss(self.model, batches)
-        if extra is not None:
+            if not (torch.isfinite(loss) and result.finite):  # stop before anything of this step is applied
+                result.loss = float(step_loss)
+                self.updates.discard()
+                return result
+            self.updates.backward(loss + extra if joined and i == len(passes) - 1 else loss)
+        result.loss, result.metrics = float(step_loss), {k: float(v) for k, v in sums.items()}
+        for w in self.watchers:
+            w.before_update(self.named)  # the task's gradient, before the penalty's joins it
+        if extra is not None and not joined:
             self.accelerator.backward(extra)
-            result.penalty = float(extra.detach())
-        if not result.finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return result
-        t = self.recipe.training
-        if t.max_grad_norm:
-            result.grad_norm = float(self.accelerator.clip_grad_norm_([p for _, p in self.named], t.max_grad_norm))
         result.lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        result.grad_norm = self.updates.apply()
+        if result.grad_norm is not None and not math.isfinite(result.grad_norm):
+            return result  # not applied
+        for w in self.watchers:
+            w.after_update(self.named)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -429,7 +456,9 @@ class Trainer:
                             self.save_checkpoint(state)
                             last_checkpoint = state.step
                         what = (f"the loss became {res.loss}" if not math.isfinite(res.loss)
-                                else f"the {self.strategy.name} penalty became {res.penalty}")
+                                else f"the {self.strategy.name} penalty became {res.penalty}"
+                                if res.penalty is not None and not math.isfinite(res.penalty)
+                                else f"the gradient norm became {res.grad_norm}")
                         return "stopped: non-finite loss", (
                             f"{what} at step {state.step + 1}; the update was not applied and the last good state "
                             f"(step {state.step}) is checkpointed. Try a lower training.lr, training.precision: fp32, "
@@ -496,6 +525,9 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
         with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
             setup.strategy.save(model, tmp)
             setup.tokenizer.save_pretrained(str(tmp))
+        for w in trainer.watchers:
+            w.finish(folder.path, trainer.named)
+    trainer.metrics_log.close(status)
     for fn in hooks.at_end:
         fn(model)
     summary = _summary(setup, trainer, state, status, message, started, after)

@@ -13,6 +13,7 @@ from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
 from ftcli.strategies.hft import Hft, HftParams
 from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams
+from ftcli.strategies.si import Si, SiParams
 
 REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "full": (FullParams, Full),
@@ -22,6 +23,7 @@ REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "qlora": (QloraParams, Qlora),
     "hft": (HftParams, Hft),
     "ewc": (EwcParams, Ewc),
+    "si": (SiParams, Si),
 }
 
 # The union a recipe's `strategy:` validates against, discriminated on `name`.

@@ -27,6 +27,9 @@ class Params(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    def resolve_paths(self, fix_model) -> None:
+        """Make the models or runs these settings name absolute with `fix_model` (as the recipe's base_model)."""
+
 
 @dataclass
 class Context:

@@ -18,18 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from ftcli.strategies.base import Context, Params, Strategy
-from ftcli.strategies.frozen import FrozenParams
+from ftcli.strategies.base import Context, Params
 from ftcli.strategies.full import FullParams
-from ftcli.strategies.hft import HftParams
-from ftcli.strategies.lora import LoraParams
+from ftcli.strategies.penalty import Anchored, InnerParams
 
 FISHER_VERSION = "2"  # 2: self-generated answers are sampled, not greedy
-InnerParams = Annotated[Union[FullParams, FrozenParams, HftParams, LoraParams], Field(discriminator="name")]
 
 
 class EwcParams(Params):
@@ -49,70 +46,16 @@ class EwcParams(Params):
     fisher_normalize: bool = Field(True, description="divide F by its mean so λ is comparable across models")
 
 
-class Ewc(Strategy):
+class Ewc(Anchored):
     name = "ewc"
+    anchor_label = "EWC Fisher + anchor"
 
-    def __init__(self, params: EwcParams):
-        super().__init__(params)
-        from ftcli import strategies
+    @property
+    def scale(self) -> float:
+        return 0.5 * self.params.lambda_
 
-        self.inner = strategies.get(params.inner)
-        self.artifact = self.inner.artifact
-        self.adapter_off_is_base = self.inner.adapter_off_is_base
-        self.terms: list = []  # (F, θ*, parameter) for full-like inners; (F, A, B, scale) for lora
-        self.lora = params.inner.name == "lora"
-        self.info: dict = {}
-
-    # -- the interface -------------------------------------------------------------------------------------
-    def prepare(self, model, ctx: Context):
-        fisher = None if ctx.dry_run else self._fisher(model, ctx)
-        model = self.inner.prepare(model, ctx)
-        if fisher is not None:
-            self.terms = self._lora_terms(model, fisher) if self.lora else self._full_terms(model, fisher)
-            self.info["penalised_values"] = sum(t[0].numel() for t in self.terms)
-        return model
-
-    def train_params(self, model):
-        return self.inner.train_params(model)
-
-    def unsupported(self):
-        return self.inner.unsupported()
-
-    def base_loading(self, *, for_export: bool = False) -> dict:
-        return self.inner.base_loading(for_export=for_export)
-
-    def memory(self, *, total, trainable, block_linear, recipe):
-        out = self.inner.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
-        # F for every base weight; full-like inners also keep θ* (a LoRA inner's anchor is ΔW = 0)
-        out["EWC Fisher + anchor"] = (total - trainable) * 4 if self.lora else total * 4 * 2
-        return out
-
-    def on_step(self, step: int, model) -> None:
-        self.inner.on_step(step, model)
-
-    def save(self, model, folder: Path) -> None:
-        self.inner.save(model, folder)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
-
-    def extra_loss(self, model, batch):
-        if not self.terms or self.params.lambda_ == 0:
-            return None
-        total = None
-        for term in self.terms:
-            if self.lora:
-                f, a, b, scale = term
-                delta = (b @ a) * scale
-            else:
-                f, star, p = term
-                delta = p - star
-            t = (f * delta.pow(2)).sum()
-            total = t if total is None else total + t
-        return 0.5 * self.params.lambda_ * total
+    def weights(self, model, ctx: Context) -> dict:
+        return self._fisher(model, ctx)
 
     def describe(self, model) -> dict:
         return {"inner": self.params.inner.name, "lambda": self.params.lambda_, **self.info,
@@ -186,26 +129,6 @@ class Ewc(Strategy):
         for ex in examples:
             h.update(json.dumps([ex.messages, ex.text], sort_keys=True).encode())
         return h.hexdigest()[:32] + f"-{p.fisher_rows}"
-
-    # -- the penalised tensors ---------------------------------------------------------------------------------
-    def _full_terms(self, model, fisher: dict) -> list:
-        terms = []
-        for name, p in self.inner.train_params(model):
-            if name in fisher:
-                terms.append((fisher[name].to(p.device), p.detach().clone(), p))
-        return terms
-
-    def _lora_terms(self, model, fisher: dict) -> list:
-        from peft.tuners.lora import LoraLayer
-
-        terms = []
-        for name, module in model.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                key = name.removeprefix("base_model.model.") + ".weight"
-                if key in fisher:
-                    terms.append((fisher[key], module.lora_A["default"].weight, module.lora_B["default"].weight,
-                                  module.scaling["default"]))
-        return terms
 
 
 def estimate_fisher(model, encoder, examples, *, log=print) -> dict:

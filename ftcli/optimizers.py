@@ -1,0 +1,197 @@
+"""The optimiser of a run (`training.optimizer`), in one place: how it is built, how a step's gradient becomes an
+update, and what it keeps in memory.
+
+- `adamw` (default): torch's fused AdamW; no weight decay on biases, norms and other 1-D parameters. 8 bytes of
+  state and 4 of gradient per trained weight. The HF Trainer's default is the same fused AdamW.
+- `adafactor`: torch.optim.Adafactor (Shazeer & Stern 2018, arXiv 1804.04235): the second moment of a matrix kept
+  as one row and one column vector, no first moment, so almost no state. Its `lr` is a *relative* step (the update's
+  RMS against the weight's RMS, capped by 1/√step), so it wants larger values than AdamW (1e-3 … 1e-2).
+  `training.betas` does not apply.
+- `adamw_8bit`: bitsandbytes' AdamW8bit (Dettmers et al. 2022, arXiv 2110.02861): both moments stored blockwise in
+  8 bits (2 bytes of state per weight instead of 8); tensors under 4,096 elements keep 32-bit state. It runs on the
+  CPU here (bitsandbytes 0.50; measured against fp32 AdamW in tests/test_optimizers.py).
+- `lomo`: LOMO (Lv et al. 2023, arXiv 2306.09782): plain SGD whose update is applied inside the backward pass, one
+  parameter at a time as soon as its gradient is complete (`Tensor.register_post_accumulate_grad_hook`), after
+  which the gradient is dropped: no optimiser state and no stored gradients, only the one being applied. We use
+  our own hooks rather than the `lomo-optim` package: its optimiser replaces `backward` with its own
+  `fused_backward(loss, lr)` and carries DeepSpeed and fp16 loss-scaling paths we do not use; torch's
+  post-accumulate hook (2.1+) is the documented way to fuse an optimiser into backward and is about 40 lines.
+  As in the paper, gradient clipping costs a second backward: the first measures the whole gradient's norm
+  (nothing applied, the graph kept), the second applies the clipped update. Gradient accumulation cannot be had
+  (a micro-batch's update is applied before the next one is computed), so `grad_accum > 1` is refused, and each
+  micro-batch runs as one forward/backward pass. It runs in one process (a data-parallel all-reduce would come
+  after the update). `lr` is SGD's: LOMO used 1e-2 … 3e-2 on LLaMA.
+
+The Trainer only calls `Updates.backward(loss)` for every pass and `Updates.apply()` once per step, so its step
+is the same for every optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(recipe, named_params) -> list[dict]:
+    """Weight decay on matrices only (not on biases, norms and other 1-D parameters)."""
+    decay = [p for n, p in named_params if p.ndim >= 2]
+    no_decay = [p for n, p in named_params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": recipe.training.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def make(recipe, named_params) -> torch.optim.Optimizer:
+    """The torch optimiser of `training.optimizer` over `named_params` (the scheduler and checkpoints use it)."""
+    t = recipe.training
+    groups = param_groups(recipe, named_params)
+    if t.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=t.lr)
+    if t.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except (ImportError, RuntimeError) as e:
+            from ftcli.errors import UserError
+
+            raise UserError(f"training.optimizer adamw_8bit: bitsandbytes cannot run here ({e}); use adafactor or "
+                            "lomo for a low-memory optimiser") from None
+        return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas, eps=1e-8)
+    if t.optimizer == "lomo":
+        return Lomo(groups, lr=t.lr, max_grad_norm=t.max_grad_norm)
+    # torch's fused kernel where it applies (float parameters on the CPU or CUDA): one pass over each tensor and no
+    # temporaries, which matters for full fine-tuning (figures in docs/benchmarks.md)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for _, p in named_params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=1e-8, fused=fused or None)
+
+
+def updates(optimizer, prepared, accelerator, params, max_grad_norm: float | None) -> "Updates":
+    """How the Trainer turns a step's backward passes into an update with `optimizer` (`prepared`: the same
+    optimiser as accelerate wrapped it)."""
+    if isinstance(optimizer, Lomo):
+        if accelerator.num_processes > 1:
+            from ftcli.errors import UserError
+
+            raise UserError("training.optimizer lomo runs in one process: its update is applied inside backward, "
+                            "before a data-parallel all-reduce of the gradient could happen. Use adamw_8bit or "
+                            "adafactor for a low-memory multi-process run.")
+        return InBackward(optimizer, prepared, accelerator)
+    return Updates(prepared, accelerator, params, max_grad_norm)
+
+
+class Updates:
+    """Gradients accumulate over the step's backward passes; then clip, step, zero. A non-finite gradient norm is
+    not applied (returned as it is, so the loop stops with the last good weights)."""
+
+    one_backward = False  # True: the whole step must be one backward pass (the update happens inside it)
+
+    def __init__(self, optimizer, accelerator, params, max_grad_norm):
+        self.optimizer, self.accelerator, self.params, self.max_grad_norm = optimizer, accelerator, params, max_grad_norm
+
+    def backward(self, loss) -> None:
+        self.accelerator.backward(loss)
+
+    def apply(self) -> float | None:
+        norm = None
+        if self.max_grad_norm:
+            norm = float(self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm))
+            if not math.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def discard(self) -> None:
+        """Drop what the passes so far accumulated (a non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class InBackward(Updates):
+    """LOMO: the update happens during `backward`; `apply` only reports the gradient norm it clipped with."""
+
+    one_backward = True
+
+    def __init__(self, lomo: "Lomo", prepared, accelerator):
+        self.lomo, self.optimizer, self.accelerator = lomo, prepared, accelerator
+
+    def backward(self, loss) -> None:
+        self.lomo.fused_backward(loss, self.accelerator.backward)
+
+    def apply(self) -> float | None:
+        self.optimizer.step()  # nothing to do; the schedule counts it
+        return self.lomo.last_norm
+
+    def discard(self) -> None:
+        pass  # nothing is kept between passes
+
+
+class Lomo(torch.optim.Optimizer):
+    """SGD fused into backward (LOMO). A torch optimiser so that the schedule sets its `lr` and checkpoints hold it
+    (it has no state); `step()` does nothing, the update happened in `fused_backward`."""
+
+    def __init__(self, groups, lr: float, max_grad_norm: float | None = None):
+        super().__init__(groups, {"lr": lr, "weight_decay": 0.0})
+        self.max_grad_norm = max_grad_norm
+        self.last_norm: float | None = None
+        self._measuring = False
+        self._square = torch.zeros(())
+        self._scale = 1.0
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(group))
+                         for group in self.param_groups for p in group["params"]]
+
+    def _hook(self, group):
+        def hook(p: torch.Tensor) -> None:
+            grad, p.grad = p.grad, None  # the gradient lives only while it is applied
+            if self._measuring:
+                self._square += grad.detach().float().pow(2).sum().cpu()
+                return
+            with torch.no_grad():
+                lr = group["lr"]
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])  # SGD with L2: the same as decoupled decay
+                p.add_(grad.to(p.dtype), alpha=-lr * self._scale)
+
+        return hook
+
+    def fused_backward(self, loss: torch.Tensor, backward) -> None:
+        """One optimiser step: with `max_grad_norm` a first backward (the graph kept) measures the whole gradient's
+        norm, the second applies the update scaled by min(1, max_norm / norm), as LOMO clips. A non-finite norm
+        applies nothing."""
+        self._scale, self.last_norm = 1.0, None
+        if self.max_grad_norm:
+            self._measuring, self._square = True, torch.zeros(())
+            try:
+                backward(loss, retain_graph=True)
+            finally:
+                self._measuring = False
+            norm = float(self._square.sqrt())
+            self.last_norm = norm
+            if not math.isfinite(norm):
+                return
+            self._scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        backward(loss)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        return None
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def memory(name: str, trainable: int, shapes: list) -> dict[str, float]:
+    """Bytes the optimiser costs beyond the weights, by part: gradients of the `trainable` weights (those with a
+    gradient at once) and the state kept for tensors of `shapes` (all it updates; hft: every round's), fp32."""
+    numel = [math.prod(s) for s in shapes]
+    if name == "lomo":  # one gradient at a time, while it is applied
+        return {"gradients (one tensor at a time)": max(numel, default=0) * 4, "optimizer (lomo)": 0}
+    if name == "adafactor":  # a row and a column vector per matrix
+        state = sum((s[-2] + s[-1]) * 4 if len(s) >= 2 else math.prod(s) * 4 for s in shapes)
+        return {"gradients": trainable * 4, "optimizer (adafactor)": state}
+    if name == "adamw_8bit":  # two 8-bit moments and a float absmax per block of 256; small tensors stay 32-bit
+        state = sum(k * 2 + 2 * 4 * math.ceil(k / 256) if k >= 4096 else k * 8 for k in numel)
+        return {"gradients": trainable * 4, "optimizer (adamw_8bit)": state}
+    return {"gradients": trainable * 4, "optimizer (AdamW)": sum(numel) * 8}

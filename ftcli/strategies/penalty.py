@@ -1,0 +1,112 @@
+"""A quadratic penalty that keeps weights near where they started, around an inner strategy: what `ewc` and `si`
+share. loss += scale · Σᵢ wᵢ (θᵢ − θ*ᵢ)², θ* the weights when training starts and w a weight per parameter (EWC's
+Fisher, SI's importance Ω). With a full-like inner strategy the penalty is on the trained weights themselves; with
+a LoRA inner on the effective change of each adapted module, θ − θ* = ΔW = s·B·A, weighted by the w of that
+module's base weight. Subclasses say what w is (`weights`) and what multiplies the sum (`scale`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Union
+
+from pydantic import Field
+
+from ftcli.strategies.base import Context, Strategy
+from ftcli.strategies.frozen import FrozenParams
+from ftcli.strategies.full import FullParams
+from ftcli.strategies.hft import HftParams
+from ftcli.strategies.lora import LoraParams
+
+InnerParams = Annotated[Union[FullParams, FrozenParams, HftParams, LoraParams], Field(discriminator="name")]
+
+
+class Anchored(Strategy):
+    anchor_label: ClassVar[str] = "penalty weights + anchor"
+
+    def __init__(self, params):
+        super().__init__(params)
+        from ftcli import strategies
+
+        self.inner = strategies.get(params.inner)
+        self.artifact = self.inner.artifact
+        self.adapter_off_is_base = self.inner.adapter_off_is_base
+        self.terms: list = []  # (w, θ*, parameter) for full-like inners; (w, A, B, scale) for lora
+        self.lora = params.inner.name == "lora"
+        self.info: dict = {}
+
+    # -- what a subclass says ---------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        raise NotImplementedError
+
+    def weights(self, model, ctx: Context) -> dict:
+        """w by parameter name of the base model (before the inner strategy wraps it)."""
+        raise NotImplementedError
+
+    # -- the interface ------------------------------------------------------------------------------------------
+    def prepare(self, model, ctx: Context):
+        w = None if ctx.dry_run else self.weights(model, ctx)
+        model = self.inner.prepare(model, ctx)
+        if w is not None:
+            self.terms = self._lora_terms(model, w) if self.lora else self._full_terms(model, w)
+            self.info["penalised_values"] = sum(t[0].numel() for t in self.terms)
+        return model
+
+    def train_params(self, model):
+        return self.inner.train_params(model)
+
+    def unsupported(self):
+        return self.inner.unsupported()
+
+    def base_loading(self, *, for_export: bool = False) -> dict:
+        return self.inner.base_loading(for_export=for_export)
+
+    def memory(self, *, total, trainable, block_linear, recipe):
+        out = self.inner.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+        # w for every base weight; full-like inners also keep θ* (a LoRA inner's anchor is ΔW = 0)
+        out[self.anchor_label] = (total - trainable) * 4 if self.lora else total * 4 * 2
+        return out
+
+    def on_step(self, step: int, model) -> None:
+        self.inner.on_step(step, model)
+
+    def save(self, model, folder) -> None:
+        self.inner.save(model, folder)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    def extra_loss(self, model, batch):
+        if not self.terms or self.scale == 0:
+            return None
+        total = None
+        for term in self.terms:
+            if self.lora:
+                w, a, b, s = term
+                delta = (b @ a) * s
+            else:
+                w, star, p = term
+                delta = p - star
+            t = (w * delta.pow(2)).sum()
+            total = t if total is None else total + t
+        return self.scale * total
+
+    # -- the penalised tensors ---------------------------------------------------------------------------------
+    def _full_terms(self, model, w: dict) -> list:
+        return [(w[name].to(p.device), p.detach().clone(), p) for name, p in self.inner.train_params(model)
+                if name in w]
+
+    def _lora_terms(self, model, w: dict) -> list:
+        from peft.tuners.lora import LoraLayer
+
+        terms = []
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                key = name.removeprefix("base_model.model.") + ".weight"
+                if key in w:
+                    terms.append((w[key], module.lora_A["default"].weight, module.lora_B["default"].weight,
+                                  module.scaling["default"]))
+        return terms
