@@ -96,6 +96,7 @@ def _print_plan(console, r, p) -> None:
     for part, mb in p.memory.items():
         mem.add_row(part, f"{mb:,.0f}")
     console.print(mem)
+    console.print(f"run folder: {p.output}")
     for line in p.notes:
         console.print(f"[yellow]note:[/] {line}")
     what = "one preference pair" if len(p.example) == 2 else "one training example"
@@ -116,15 +117,15 @@ def eval_(
     format: str = typer.Option("alpaca", "--format", "-f", help=" | ".join(SFT_FORMATS)),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m",
                                           help=f"comma-separated: {', '.join(METRICS)} (default: by format)"),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="score only N rows (the first N)"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="score only N rows (the first N)"),
     sample: Optional[int] = typer.Option(None, "--sample", help="with --limit: a random sample drawn with this seed"),
     compare: Optional[str] = typer.Option(None, "--compare", help="a second model (OTHER) scored on the same rows; change = MODEL − OTHER"),
     base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
     field: List[str] = typer.Option([], "--field", help="map a format field to your column: name=column (repeatable)"),
     instruction: Optional[str] = typer.Option(None, "--instruction", help="classification/choice instruction"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the machine has bf16 units) | fp32 | bf16"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers to this JSON file"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
@@ -143,6 +144,8 @@ def eval_(
         fields[k.strip()] = v.strip()
     if format not in SFT_FORMATS:
         raise UserError(f"--format {format!r}: choose from {', '.join(SFT_FORMATS)}")
+    if json_out is not None and json_out.is_dir():
+        raise UserError(f"--json {json_out}: a folder; give the name of the JSON file to write")
     es = scoring.EvalSet(data=str(data), format=format, fields=fields, limit=limit, sample_seed=sample,
                          metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else [],
                          instruction=instruction)
@@ -345,15 +348,11 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+    except typer.TyperException as e:  # usage errors (typer's own copy of click's): a message, exit 2
+        if _state["debug"]:
+            raise
+        e.show()
+        sys.exit(2)
 
 
 def _console_err():

@@ -48,7 +48,7 @@ def cache_root() -> Path:
 # resolving a spec to a local folder
 
 
-def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=print) -> str:
+def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=print, key: str = "base_model") -> str:
     """A model spec → something `from_pretrained` can open: a local folder path, or the hub id itself.
     weights=False for tokenizer-only folders (an adapter folder carries the tokenizer but no config)."""
     if spec in BUILTINS:
@@ -59,9 +59,9 @@ def resolve(spec: str, *, allow_pickle: bool = False, weights: bool = True, log=
             check_weight_files(path, allow_pickle)
         return str(path.resolve())
     if path.exists():
-        raise UserError(f"base_model {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
+        raise UserError(f"{key} {spec!r}: a file, not a model folder (expected config.json + *.safetensors)")
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1):
-        raise UserError(f"base_model {spec!r}: no such folder, and not a built-in alias ({', '.join(BUILTINS)})")
+        raise UserError(f"{key} {spec!r}: no such folder, and not a built-in alias ({', '.join(BUILTINS)})")
     return spec  # a hub id
 
 
@@ -71,11 +71,34 @@ def check_weight_files(folder: Path, allow_pickle: bool) -> None:
         raise UserError(f"model folder {folder}: no config.json (is this a transformers model folder?)")
     safe = [n for n in names if n.endswith(SAFE_SUFFIXES)]
     pickled = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not safe and not pickled:
+        raise UserError(f"model folder {folder}: no weights (no *.safetensors file beside config.json)")
     if not safe and pickled and not allow_pickle:
         raise UserError(
             f"model folder {folder}: weights are pickle files ({', '.join(sorted(pickled)[:3])}), which can run code "
             "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust the source."
         )
+
+
+def remote_code(where: str) -> str:
+    """What trust_remote_code lets run, in words: the Python files of a model folder and the classes its
+    config.json maps, or a hub repository's code."""
+    import json
+
+    folder = Path(where)
+    if not folder.is_dir():
+        return (f"trust_remote_code is on: transformers will download and run the Python code of the hub "
+                f"repository {where!r}")
+    files = sorted(p.name for p in folder.glob("*.py"))
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map") or {}
+    except (OSError, ValueError):
+        auto_map = {}
+    mapped = sorted({v for vs in auto_map.values() for v in ([vs] if isinstance(vs, str) else vs) if v})
+    if not files and not mapped:
+        return f"trust_remote_code is on, but {folder} carries no Python code: it changes nothing here"
+    return (f"trust_remote_code is on: transformers will run Python code from {folder}: "
+            f"{', '.join(files) or 'no .py file'}" + (f" (config.json auto_map: {', '.join(mapped)})" if mapped else ""))
 
 
 def builtin_folder(alias: str, log=print) -> Path:
@@ -121,27 +144,33 @@ def _run(spec: str):
     return RunFolder(spec) if RunFolder.holds_run(spec) else None
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,
+                   key: str = "base_model"):
+    """The tokenizer of a model spec; `key` names the spec in errors (base_model, objective.teacher, ...)."""
     from transformers import AutoTokenizer
 
     run = _run(spec)
-    where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log)
-    with _hub_errors(spec):
+    where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log,
+                                                            key=key)
+    if trust_remote_code:
+        log(f"warning: {remote_code(where)}")
+    with _hub_errors(spec, key):
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print):
+def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,
+                key: str = "base_model"):
     from transformers import AutoConfig
 
     run = _run(spec)
     if run:
         return load_config(str(run.artifact) if run.kind == "model" else run.base_model,
-                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
-    where = resolve(spec, allow_pickle=allow_pickle, log=log)
-    with _hub_errors(spec):
+                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
+    where = resolve(spec, allow_pickle=allow_pickle, log=log, key=key)
+    with _hub_errors(spec, key):
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
@@ -155,6 +184,7 @@ def load_model(
     double_quant: bool = True,
     meta: bool = False,
     log=print,
+    key: str = "base_model",
 ):
     """The causal LM in float32 on the CPU (or the accelerator accelerate picks later), eval mode off.
 
@@ -168,14 +198,14 @@ def load_model(
     run = _run(spec)
     if run and not meta:
         if quantization:
-            raise UserError(f"base_model {spec}: a run folder cannot be quantised on loading; export it first "
+            raise UserError(f"{key} {spec}: a run folder cannot be quantised on loading; export it first "
                             "(ftcli export RUN --out DIR) and use DIR as the base")
         model = run.load_merged(allow_pickle=allow_pickle, log=log)[0]
         model.config.use_cache = False
         return model
-    where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log)
+    where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log, key=key)
     if meta:
-        config = load_config(spec, trust_remote_code=trust_remote_code)
+        config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
@@ -186,7 +216,7 @@ def load_model(
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, double_quant)
         kwargs["device_map"] = {"": _quantized_device()}
-    with _hub_errors(spec):
+    with _hub_errors(spec, key):
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     model.config.use_cache = False
     if quantization:
@@ -202,7 +232,7 @@ def load_base(spec: str, **kwargs):
     log = kwargs.get("log", print)
     tokenizer = load_tokenizer(
         spec, trust_remote_code=kwargs.get("trust_remote_code", False), allow_pickle=kwargs.get("allow_pickle", False),
-        log=log,
+        log=log, key=kwargs.get("key", "base_model"),
     )
     return load_model(spec, **kwargs), tokenizer
 
@@ -236,11 +266,17 @@ def _quantized_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
+def offline_mode() -> bool:
+    """Has the user switched the hub off (HF_HUB_OFFLINE, or transformers' and datasets' own switches)?"""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 class _hub_errors:
     """Turn 'cannot reach the hub' into an error that names the id and says how to use a local folder."""
 
-    def __init__(self, spec: str):
-        self.spec = spec
+    def __init__(self, spec: str, key: str = "base_model"):
+        self.spec, self.key = spec, key
 
     def __enter__(self):
         return self
@@ -251,16 +287,26 @@ class _hub_errors:
         if isinstance(exc, UserError):
             return False
         text = str(exc)
+        if isinstance(exc, (ValueError, KeyError)) and "does not recognize this architecture" in text:
+            import transformers
+
+            kind = text.split("model type `")[1].split("`")[0] if "model type `" in text else "?"
+            raise UserError(
+                f"{self.key} {self.spec!r}: its config.json names model_type {kind!r}, which the installed "
+                f"transformers {transformers.__version__} cannot build. Use a model of a supported architecture, or "
+                "a transformers version that knows this one (trust_remote_code: true only if the model folder "
+                "ships its own code and you trust it)") from None
         offline = any(
             s in text
             for s in ("offline", "Couldn't connect", "couldn't connect", "resolve", "not a valid model identifier",
                       "Connection", "does not appear to have", "is not a local folder")
         )
         if isinstance(exc, OSError) or offline:
+            why = ("offline mode is on (HF_HUB_OFFLINE), so the hub is not contacted" if offline_mode() else
+                   f"the hub is not reachable from here ({text.splitlines()[0][:200]})")
             raise UserError(
-                f"base_model {self.spec!r}: could not load it ({text.splitlines()[0][:200]}). It is neither a "
-                f"built-in alias ({', '.join(BUILTINS)}) nor a local folder, and the hub is not reachable from here. "
-                "Download it elsewhere (huggingface-cli download ID --local-dir DIR) and set base_model: DIR."
+                f"{self.key} {self.spec!r}: not a built-in alias ({', '.join(BUILTINS)}) nor a local folder, and "
+                f"{why}. Download it elsewhere (huggingface-cli download ID --local-dir DIR) and use DIR."
             ) from None
         return False
 
@@ -296,6 +342,14 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
+    if not (adapter / "adapter_model.safetensors").is_file():
+        pickled = sorted(p.name for p in adapter.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if not pickled:
+            raise UserError(f"adapter folder {adapter}: no adapter_model.safetensors")
+        if not allow_pickle:
+            raise UserError(f"adapter folder {adapter}: the adapter is a pickle file ({', '.join(pickled)}), which "
+                            "can run code when loaded. Convert it to safetensors, or pass --allow-pickle if you "
+                            "trust the source.")
     model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)

@@ -20,6 +20,7 @@ class Plan:
     example: list[tuple[str, list[tuple[str, bool]]]]  # (title, decoded (text, trained) segments) per sequence
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
+    output: str = ""  # the run folder train would write, absolute
 
 
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
@@ -95,14 +96,35 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     if bundle.bad_rows.count:
-        notes.append(f"data.on_bad_rows: skip — {bundle.bad_rows.count} bad rows skipped; first: "
-                     + "; ".join(bundle.bad_rows.first[:3]))
+        notes.append(bundle.bad_rows.summary())
+    if bundle.numbers.count:
+        notes.append(bundle.numbers.summary())
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+    output = output_note(recipe)
+    if output:
+        notes.append(output)
     steps, _ = recipe.total_steps(len(bundle.train))
     shapes = [q.shape for _, q in strategy.train_params(model)]
     memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]
-    return Plan(splits, trainable, total, steps, example, notes, memory)
+    from ftcli.recipe import default_output
+
+    return Plan(splits, trainable, total, steps, example, notes, memory, str(default_output(recipe).resolve()))
+
+
+def output_note(recipe) -> str | None:
+    """A recipe from someone else that writes its run folder outside the current folder (an absolute `output`,
+    a `..` or a `~` in it) is said in `check`, where it can be read before `train` writes anything."""
+    from pathlib import Path
+
+    if not recipe.output:
+        return None
+    raw = Path(recipe.output)
+    if raw.is_absolute() or ".." in raw.parts or recipe.output.startswith("~"):
+        where = Path(recipe.output).expanduser().resolve()
+        return (f"this recipe writes its run folder outside the current folder: output {recipe.output!r} is {where} "
+                "(--output DIR writes elsewhere)")
+    return None

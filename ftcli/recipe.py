@@ -31,6 +31,7 @@ OptimizerName = Literal["adamw", "adafactor", "adamw_8bit", "lomo"]  # ftcli/opt
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 PASS_TOKENS = 512  # default training.pass_tokens
+NOT_KEYS = ("source", "overrides")  # set by load(), never by a recipe
 
 # names other tools (axolotl, LLaMA-Factory, torchtune, HF Trainer) use for our keys: suggested on a miss
 SYNONYMS = {
@@ -46,7 +47,7 @@ SYNONYMS = {
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RetentionSet(_Section):
@@ -178,8 +179,9 @@ class Recipe(_Section):
                                      "these trackers, offline, inside the run folder: tensorboard, mlflow")
     output: str | None = Field(None, description="run folder; default runs/<recipe name>")
 
-    # where the recipe came from (not a YAML key)
+    # where the recipe came from and the --set overrides applied to it (not YAML keys)
     source: Path | None = Field(None, exclude=True)
+    overrides: tuple[str, ...] = Field((), exclude=True)
     _precision_why: str | None = PrivateAttr(None)  # why training.precision is what it is (auto resolved)
 
     @property
@@ -244,10 +246,15 @@ class Recipe(_Section):
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe file, apply `key=value` overrides, validate, resolve relative paths."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"recipe {path}: a folder, not a recipe file (give the .yaml file)")
     if not path.is_file():
         raise UserError(f"recipe {path}: no such file")
+    from ftcli.data.sources import read_text
+
+    text = read_text(path, what="recipe", hint="save it as UTF-8 YAML")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"recipe {path}: not valid YAML: {e}") from None
     if raw is None:
@@ -258,11 +265,16 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
         apply_override(raw, item)
     recipe = validate(raw, where=str(path))
     recipe.source = path.resolve()
+    recipe.overrides = tuple(overrides)
     resolve_paths(recipe, path.resolve().parent)
     return recipe
 
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
+    for key in NOT_KEYS:  # fields of the object, not keys a recipe may set
+        if key in raw:
+            allowed = ", ".join(k for k in Recipe.model_fields if k not in NOT_KEYS)
+            raise UserError(f"{where}: 1 problem\n  {key}: unknown key. Allowed here: {allowed}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -367,15 +379,18 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
     if kind == "extra_forbidden":
         name = str(path[-1])
         allowed = sorted(model.model_fields) if model else []
-        allowed = [a for a in allowed if a != "source"]
+        allowed = [a for a in allowed if a not in NOT_KEYS]
         msg = "unknown key"
-        close = [SYNONYMS[name]] if SYNONYMS.get(name) in allowed else difflib.get_close_matches(
-            name, allowed, n=1, cutoff=0.6)
+        ours = SYNONYMS.get(name, name)  # our name for it, when another tool's name was used
+        home = _where_key_belongs(ours, path[:-1])
+        close = [ours] if ours in allowed and ours != name else difflib.get_close_matches(name, allowed, n=1,
+                                                                                        cutoff=0.6)
         if close:
             msg += f"; did you mean '{close[0]}'?"
-        home = _where_key_belongs(name, path[:-1])
+        elif home:  # the key (or ours for it) lives in another section: the full path to write
+            msg += f"; did you mean '{ours if home == 'the top level' else f'{home}.{ours}'}'?"
         if home:
-            msg += f" ('{name}' belongs under '{home}')"
+            msg += f" ('{ours}' belongs under '{home}')"
         if allowed:
             msg += f" Allowed here: {', '.join(allowed)}"
         return msg
@@ -498,6 +513,6 @@ def _where_key_belongs(name: str, parent: list) -> str | None:
                 sections.setdefault(section, params)
     here = ".".join(str(p) for p in parent)
     for section, model in sections.items():
-        if section != here and name in model.model_fields and name != "source":
+        if section != here and name in model.model_fields and name not in NOT_KEYS:
             return section or "the top level"
     return None

@@ -47,10 +47,18 @@ class MetricsLog:
         self.trackers = trackers or []
 
     def append(self, record: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise atomic.WriteFailed(self.path, atomic.write_failure(self.path, e)) from e
         for t in self.trackers:
             t.log(record)
+
+    def sync(self) -> None:
+        """fsync the log (before a checkpoint: the lines up to it survive a power loss with it)."""
+        if self.path.is_file():
+            atomic.fsync_path(self.path)
 
     def close(self, status: str) -> None:
         for t in self.trackers:
@@ -107,10 +115,11 @@ def plot_losses(records: list[dict], path: Path, title: str) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic.file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -191,6 +200,11 @@ def render_markdown(s: dict) -> str:
         dropped = st["dropped_overlong"] + st["dropped_untrained"] + st.get("dropped_bad", 0)
         out.append(f"| {name} | {st['rows']:,} | {st['kept']:,} | {st['tokens']:,} | {st['trained_tokens']:,} | "
                    f"{st['trained_fraction'] * 100:.1f}% | {st['truncated']:,} | {dropped:,} |")
+    bad = s["data"].get("bad_rows") or {}
+    if bad.get("skipped"):
+        more = ", …" if bad["skipped"] > len(bad.get("at", [])) else ""
+        out += ["", f"**{bad['skipped']:,} bad rows skipped** (data.on_bad_rows: skip), at "
+                    f"{', '.join(bad.get('at', []))}{more}. The first: {bad['first'][0] if bad.get('first') else '?'}"]
     ex = s["data"].get("example")
     if ex:
         out += ["", "One training example, the trained span between ⟦ and ⟧:", "", "```text", ex, "```"]

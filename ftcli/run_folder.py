@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from ftcli import atomic
 from ftcli.errors import UserError
 
 RECIPE_FILE = "recipe.resolved.yaml"
@@ -138,22 +139,70 @@ class RunFolder:
     # -- a run being written ------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path, *, resume: bool, overwrite: bool) -> "RunFolder":
-        """The folder for a run: an existing one is used only with --resume and replaced only with --overwrite."""
+        """The folder for a run: an existing one is used only with --resume and replaced only with --overwrite.
+        Until `keep()` (the run has started), `abandon()` undoes this: a new folder is removed, a replaced run put
+        back, so bad input found while building leaves nothing behind."""
         path = Path(path)
+        replaced, existed = None, path.is_dir()
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: choose one")
+        if path.exists() and not path.is_dir():
+            raise UserError(f"run folder {path} is a file; give --output a folder")
+        if path.is_dir() and all(atomic.is_temporary(p.name) for p in path.iterdir()):
+            atomic.remove_leftovers(path)  # all a run killed at its very start left: it does not count
         if path.exists() and any(path.iterdir()):
-            if overwrite:
+            if overwrite:  # moved aside until the new run has started (keep), put back if it never does
                 import shutil
 
-                shutil.rmtree(path)
+                replaced = atomic.old_name(path)
+                shutil.rmtree(replaced, ignore_errors=True)
+                path.rename(replaced)
+                existed = False
             elif not resume:
+                folder = cls(path)
+                if (path / RECIPE_FILE).is_file() and folder.kind is None and not folder.checkpoints:
+                    raise UserError(f"run folder {path} already exists and holds no checkpoint: the run stopped "
+                                    "before its first. --resume starts it again from step 0 (same recipe); "
+                                    "--overwrite replaces it, or --output writes elsewhere.")
                 raise UserError(f"run folder {path} already exists. Use --resume to continue it, --overwrite to "
                                 "replace it, or --output to write elsewhere.")
         elif resume:
             raise UserError(f"--resume: run folder {path} does not exist (nothing to resume)")
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        top = path  # the outermost folder this call creates (parents included), removed by abandon()
+        while not top.parent.exists():
+            top = top.parent
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"run folder {path}: cannot be created ({e.strerror})") from None
+        folder = cls(path)
+        folder._undo = None if resume else (existed, top, replaced)
+        return folder
+
+    _undo: tuple | None = None  # (the folder existed empty, what was created, the run moved aside) until keep()
+
+    def keep(self) -> None:
+        """The run has started: a run it replaced (--overwrite) is removed for good."""
+        if self._undo and self._undo[2] is not None:
+            import shutil
+
+            shutil.rmtree(self._undo[2], ignore_errors=True)
+        self._undo = None
+
+    def abandon(self) -> None:
+        """The run never started (bad input found while building): remove what it wrote, put back what it
+        replaced. A resumed run folder is left as it was."""
+        if self._undo is None:
+            return
+        import shutil
+
+        existed, top, replaced = self._undo
+        shutil.rmtree(self.path if existed else top, ignore_errors=True)
+        if existed:
+            self.path.mkdir()
+        if replaced is not None:
+            replaced.rename(self.path)
+        self._undo = None
 
     def write_recipe(self, recipe) -> None:
         from ftcli import atomic
@@ -164,10 +213,11 @@ class RunFolder:
         self.__dict__.pop("recipe", None)
 
     def resume_check(self, recipe) -> str | None:
-        """Refuse a --resume that has nothing to resume or a different recipe; returns a note when the run's
-        length changed (the schedule is laid out again)."""
-        if not self.checkpoints:
-            raise UserError(f"--resume: {self.path} has no checkpoint to resume from")
+        """Refuse a --resume of a different recipe; returns a note when the run's length changed (the schedule is
+        laid out again). A run folder without a checkpoint (a run stopped before its first) starts from step 0."""
+        if not self.saved:
+            raise UserError(f"--resume: {self.path} holds no {RECIPE_FILE}; it is not a run folder (use --output "
+                            "to name the run folder, or --overwrite to replace this one)")
         conflicts = self.resume_conflicts(recipe)
         if conflicts:
             raise UserError(f"--resume: the recipe differs from the run's in {', '.join(conflicts)}; "

@@ -77,7 +77,7 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
         return Target(_merged(model), tok, None, "adapter")
     if base:
         raise UserError(f"--base applies to an adapter; {spec} is not one (no adapter_config.json)")
-    model, tok = models.load_base(spec, allow_pickle=allow_pickle, log=log)
+    model, tok = models.load_base(spec, allow_pickle=allow_pickle, log=log, key="model")
     return Target(model, tok, None, "base")
 
 

@@ -12,22 +12,26 @@ task's, or joins the step's one pass under an optimiser that updates inside back
 update (`optimizers.Updates`: clipping and the step of `training.optimizer`), what watches every update (zeros kept
 after pruning, the SI path integral), the schedule. Validation every `eval.every` steps and at the end;
 checkpoints every `training.checkpoint_every` steps and at the end; a NaN or inf loss or gradient norm stops the
-run before the bad update is applied; Ctrl-C finishes the step, writes a checkpoint and exits. Every record of
-metrics.jsonl also goes to the trackers of `report_to`.
+run before the bad update is applied; Ctrl-C or SIGTERM finishes the step, writes a checkpoint and exits 1 with
+the command that resumes; --resume continues from the newest checkpoint that verifies (ftcli/checkpoint.py). A
+write that fails (disk full, size limit, permission) ends the run naming the file, the last checkpoint intact.
+Every record of metrics.jsonl also goes to the trackers of `report_to`.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ftcli import checkpoint, optimizers, report, scoring, trackers
+from ftcli import atomic, checkpoint, optimizers, report, scoring, trackers
 from ftcli.data import DataBundle
 from ftcli.data.batching import plan_epoch
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
@@ -147,28 +151,46 @@ def watchers(recipe, strategy, named) -> list:
 
 
 class _Interrupt:
-    """First Ctrl-C: finish the step, checkpoint, exit. Second: stop at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (what a cluster scheduler sends before it kills): the first finishes the step,
+    writes a checkpoint and exits 1 with the command that resumes; a second stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the name of the signal received
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they were
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
+
+
+def resume_command(recipe, folder: Path) -> str:
+    """The command line that continues this run."""
+    import shlex
+
+    from ftcli.recipe import default_output
+
+    parts = ["ftcli", "train", str(recipe.source) if recipe.source else "RECIPE"]
+    for item in recipe.overrides:
+        parts += ["--set", item]
+    if Path(folder).resolve() != default_output(recipe).resolve():
+        parts += ["--output", str(folder)]
+    return shlex.join(parts + ["--resume"])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,36 +204,58 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
 
     hooks = hooks or Hooks()
     log = console.print if console is not None else print
-    folder = open_run_folder(recipe, output, resume=resume, overwrite=overwrite, log=log)
+    folder, start = open_run_folder(recipe, output, resume=resume, overwrite=overwrite, log=log)
     set_seed(recipe.training.seed)
     started = time.time()
-    setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
-    trainer = Trainer(setup, folder)
-    evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
-    if resume:
-        state = trainer.restore()
-        log(f"resuming {folder.path} from step {state.step}")
-    else:
-        state = TrainState(before=evaluator.validate(0, generation=True))
-        if evaluator.retention:
-            log(f"scoring {len(evaluator.retention)} retention set(s) on the base model")
-            state.retention_before = evaluator.score_retention()
-    bar = _progress(console, progress)
-    # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
-    status, message = trainer.train(state, evaluator, hooks, bar, log if progress and bar is None else None)
-    return finish(setup, trainer, evaluator, state, status, message, hooks, started)
+    with _Interrupt() as interrupt:  # from here: a signal during loading or the first validation is kept for the loop
+        try:
+            setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
+            trainer = Trainer(setup, folder)
+            evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
+            if start is not None:
+                state = trainer.restore(start)
+                log(f"resuming {folder.path} from step {state.step}")
+            else:
+                state = TrainState(before=evaluator.validate(0, generation=True))
+                if evaluator.retention:
+                    log(f"scoring {len(evaluator.retention)} retention set(s) on the base model")
+                    state.retention_before = evaluator.score_retention()
+        except BaseException:
+            folder.abandon()  # bad input found while building: no run folder left behind (a replaced one put back)
+            raise
+        folder.keep()
+        try:
+            bar = _progress(console, progress)
+            # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
+            status, message = trainer.train(state, evaluator, hooks, bar, log if progress and bar is None else None,
+                                            interrupt)
+            return finish(setup, trainer, evaluator, state, status, message, hooks, started)
+        except atomic.WriteFailed as e:
+            raise RunError(trainer.write_failed(e)) from None
 
 
-def open_run_folder(recipe, output: Path, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
-    """The run folder, created (or checked for --resume: the same recipe, a checkpoint to resume from), with the
-    resolved recipe written into it."""
+def open_run_folder(recipe, output: Path, *, resume: bool, overwrite: bool, log=print) -> tuple[RunFolder, int | None]:
+    """The run folder, created (or checked for --resume: the same recipe), with the resolved recipe written into
+    it; and the checkpoint step to resume from: the newest that verifies (damaged newer ones are named and
+    removed), or None to start from step 0 (a new run, or one stopped before its first checkpoint)."""
     folder = RunFolder.create(output, resume=resume, overwrite=overwrite)
+    start = None
     if resume:
         note = folder.resume_check(recipe)
         if note:
             log(f"note: {note}")
+        for leftover in checkpoint.remove_leftovers(folder.path):
+            log(f"removed {leftover.name}, left half-written by the interrupted run")
+        start = checkpoint.newest_verified(folder.path, log=log)
+        for step in folder.checkpoints:
+            if start is None or step > start:
+                shutil.rmtree(checkpoint.path(folder.path, step))  # named as skipped above
+        if start is None:
+            log(f"note: {folder.path} holds no usable checkpoint (the run stopped before its first): "
+                "starting again from step 0")
+            report.MetricsLog(folder.path).truncate_after(-1)
     folder.write_recipe(recipe)
-    return folder
+    return folder, start
 
 
 class Evaluator:
@@ -306,25 +350,36 @@ class Trainer:
         self.pad_id = pad_id(setup.tokenizer)
         self.metrics_log = report.MetricsLog(folder.path, trackers.open_all(self.recipe, folder.path))
         self._plans: dict[int, list] = {}
+        self.last_saved: int | None = None  # the step of the newest checkpoint written or resumed from
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> Path:
         state.strategy = self.strategy.state_dict()
         extra = {k: v for w in self.watchers for k, v in w.state_tensors().items()}
-        return checkpoint.save(self.folder.path, state.step, self.strategy.train_params(self.model), self.optimizer,
-                               self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints, extra=extra)
+        self.metrics_log.sync()  # the log up to this step reaches the disk with the checkpoint
+        out = checkpoint.save(self.folder.path, state.step, self.strategy.train_params(self.model), self.optimizer,
+                              self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints, extra=extra)
+        self.last_saved = state.step
+        return out
 
-    def restore(self) -> TrainState:
-        saved = checkpoint.load(self.folder.path, self.strategy.train_params(self.model), self.optimizer,
+    def restore(self, step: int) -> TrainState:
+        saved = checkpoint.load(self.folder.path, step, self.strategy.train_params(self.model), self.optimizer,
                                 self.scheduler)
         state = TrainState.from_checkpoint(saved)
         self.strategy.load_state_dict(state.strategy)
-        extra = checkpoint.load_extra(self.folder.path)
+        extra = checkpoint.load_extra(self.folder.path, step)
         for w in self.watchers:
             w.load_state_tensors(extra, state.step)
-        state.resumed_from = state.step
+        state.resumed_from = self.last_saved = state.step
         self.metrics_log.truncate_after(state.step)
         return state
+
+    def write_failed(self, e: "atomic.WriteFailed") -> str:
+        """The message of a run stopped by a write that failed (full disk, size limit, permission)."""
+        last = (f"the last good checkpoint, {checkpoint.path(self.folder.path, self.last_saved)}, is intact"
+                if self.last_saved is not None else "no checkpoint had been written yet")
+        return (f"{e}; {last}. Free space (or fix the permission), then continue with: "
+                f"{resume_command(self.recipe, self.folder.path)}")
 
     # -- one optimiser step --------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list:
@@ -382,17 +437,18 @@ class Trainer:
         return result
 
     # -- the loop ------------------------------------------------------------------------------------------------
-    def train(self, state: TrainState, evaluator: Evaluator, hooks: Hooks, bar, lines) -> tuple[str, str]:
+    def train(self, state: TrainState, evaluator: Evaluator, hooks: Hooks, bar, lines,
+              interrupt: _Interrupt | None = None) -> tuple[str, str]:
         """Steps until the end, an interrupt or a non-finite loss; returns (status, message). Progress goes to a
         rich `bar`, or to `lines` (a print function: a line every 5% of the run), or nowhere."""
         t, steps = self.recipe.training, self.steps
         start = state.step
         line_every = max(1, steps // 20) if lines else 0
         task = bar.add_task("training", total=steps, completed=start, loss=float("nan"), tps=0.0) if bar else None
-        last_checkpoint = self.folder.checkpoints[-1] if state.resumed_from is not None else None
+        last_checkpoint = state.resumed_from
         self.model.train()
         try:
-            with _Interrupt() as interrupt, (bar or _null()):
+            with (nullcontext(interrupt) if interrupt else _Interrupt()) as interrupt, (bar or nullcontext()):
                 while state.step < steps:
                     res = self.step(state.step)
                     if not res.finite:
@@ -430,11 +486,15 @@ class Trainer:
                         self.save_checkpoint(state)
                         last_checkpoint = state.step
                     if interrupt.requested:
-                        self.save_checkpoint(state)
-                        return "interrupted", (f"interrupted at step {state.step}; continue with: ftcli train RECIPE "
-                                               "--resume")
+                        if last_checkpoint != state.step:
+                            self.save_checkpoint(state)
+                        return "interrupted", (
+                            f"interrupted ({interrupt.requested}) at step {state.step}; checkpoint step-{state.step} "
+                            f"written; continue with: {resume_command(self.recipe, self.folder.path)}")
         except KeyboardInterrupt:
-            return "interrupted", f"stopped at once during step {state.step + 1}; resume from the last checkpoint"
+            last = f"step-{self.last_saved}" if self.last_saved is not None else "step 0 (no checkpoint yet)"
+            return "interrupted", (f"stopped at once during step {state.step + 1}; continue from {last} with: "
+                                   f"{resume_command(self.recipe, self.folder.path)}")
         return "finished", ""
 
     def _log_step(self, state: TrainState, res: StepResult) -> None:
@@ -455,8 +515,6 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
            hooks: Hooks, started: float) -> Path:
     """After the loop: on success the last validation, retention after, a checkpoint and the artifact; in every
     case the report. A run that did not finish raises RunError after its report is written."""
-    from ftcli import atomic
-
     folder, model = trainer.folder, trainer.accelerator.unwrap_model(trainer.model)
     after, retention_after = {}, []
     if status == "finished":
@@ -528,6 +586,7 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "tokens": state.tokens,
         },
         "data": {"splits": splits, "bad_rows": data.bad_rows.as_dict(),
+                 "numbers_as_text": data.numbers.as_dict(),
                  "example": "\n".join(marked_text(show_mask(data.encoder.tokenizer, enc))
                                       for enc in data.train.encoded[0].sequences)},
         "strategy_details": strategy.describe(trainer.model),
@@ -546,11 +605,3 @@ def _progress(console, enabled: bool):
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=False,
     )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

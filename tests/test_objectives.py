@@ -265,12 +265,20 @@ def test_bad_pairs_are_refused_with_the_row_or_skipped_and_counted(tmp_path, tin
     del rows[9]["rejected"]
     path = dpo_recipe(tmp_path, tiny_model_dir, rows=rows, training={"max_steps": 1})
     code, out, err = run_cli("check", path)
-    assert code == 2 and "row 5" in err and "same reply" in err, err
+    assert code == 2 and "pairs.jsonl line 6" in err and "same reply" in err, err  # rows[5]: line 6 of the file
+    code, out, err = run_cli("check", path, "--set", "data.on_bad_rows=skip")
+    assert code == 0, err
+    said = " ".join(out.split())
+    assert "2 bad rows skipped, at pairs.jsonl line 10, pairs.jsonl line 6" in said or \
+        "2 bad rows skipped, at pairs.jsonl line 6, pairs.jsonl line 10" in said, said
     code, out, err = run_cli("train", path, "--set", "data.on_bad_rows=skip")
     assert code == 0, err
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     bad = report["data"]["bad_rows"]
-    assert bad["skipped"] == 2 and any("row 5" in x for x in bad["first"]) and any("row 9" in x for x in bad["first"])
+    assert bad["skipped"] == 2 and sorted(bad["at"]) == ["pairs.jsonl line 10", "pairs.jsonl line 6"]
+    assert any("line 6" in x for x in bad["first"]) and any("line 10" in x for x in bad["first"])
+    md = " ".join((tmp_path / "run" / "report.md").read_text().split())
+    assert "2 bad rows skipped** (data.on_bad_rows: skip), at pairs.jsonl line" in md
 
 
 def test_both_sides_are_cut_alike_and_a_pair_cut_into_sameness_is_a_bad_row(tmp_path, tiny_model_dir, run_cli,
@@ -291,7 +299,7 @@ def test_both_sides_are_cut_alike_and_a_pair_cut_into_sameness_is_a_bad_row(tmp_
     path = dpo_recipe(tmp_path, tiny_model_dir, rows=rows, data={"format": "preference", "validation": None,
                                                                  "max_len": 24})
     code, out, err = run_cli("check", path)
-    assert code == 2 and "row 3" in err and "same tokens after truncation" in err, err
+    assert code == 2 and "pairs.jsonl line 4" in err and "same tokens after truncation" in err, err
 
 
 def test_check_shows_both_trained_spans_of_a_pair(tmp_path, tiny_model_dir, run_cli):

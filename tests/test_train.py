@@ -72,7 +72,7 @@ def straight_and_interrupted(tmp_path, tiny_model_dir, data, sections, at):
         if step == at:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(RunError, match=f"interrupted at step {at}"):
+    with pytest.raises(RunError, match=rf"interrupted \(SIGINT\) at step {at}; checkpoint step-{at} written"):
         run(path, hooks=train.Hooks(after_step=[ctrl_c]))
     return straight, path
 

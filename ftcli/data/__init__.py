@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ftcli.data.formats import Example, check_fields, label_set, to_example
+from ftcli.data.formats import Example, check_fields, label_set, numbers_as_text, to_example
 from ftcli.data.sources import read_rows
 from ftcli.data.tokenize import Encoded, Encoder, EncodeStats
 from ftcli.errors import UserError
@@ -19,22 +20,52 @@ class BadRows:
 
     policy: str = "error"
     count: int = 0
-    first: list[str] = field(default_factory=list)
+    first: list[str] = field(default_factory=list)  # the first reasons, each naming its row
+    at: list[str] = field(default_factory=list)  # where those rows are ("train.jsonl line 12")
     SHOWN = 10
 
-    def handle(self, error: UserError) -> None:
+    def handle(self, error: UserError, place: str) -> None:
         """Raise `error` under policy error; count it under skip."""
         if self.policy != "skip":
-            raise error
-        self.note(str(error))
+            raise UserError(f"{error} (data.on_bad_rows: skip drops such rows and counts them)") from None
+        self.note(str(error), place)
 
-    def note(self, reason: str) -> None:
+    def note(self, reason: str, place: str) -> None:
         self.count += 1
         if len(self.first) < self.SHOWN:
             self.first.append(reason)
+            self.at.append(place)
+
+    def summary(self) -> str:
+        """One line for `check` and the report: how many rows were skipped, where the first are, the first why."""
+        more = ", …" if self.count > len(self.at) else ""
+        return (f"data.on_bad_rows: skip — {self.count} bad row{'s' if self.count != 1 else ''} skipped, at "
+                f"{', '.join(self.at)}{more}; the first: {self.first[0] if self.first else '?'}")
 
     def as_dict(self) -> dict:
-        return {"policy": self.policy, "skipped": self.count, "first": self.first}
+        return {"policy": self.policy, "skipped": self.count, "at": self.at, "first": self.first}
+
+
+@dataclass
+class NumbersAsText:
+    """Rows that held a number (or true/false) where text is expected: read as its text, counted for `check` and
+    the report with the first places."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)  # "train.jsonl line 3: output: 42"
+    SHOWN = 5
+
+    def note(self, place: str, changed: list[str]) -> None:
+        self.count += 1
+        if len(self.first) < self.SHOWN:
+            self.first.append(f"{place}: {', '.join(changed)}")
+
+    def summary(self) -> str:
+        return (f"{self.count} row{'s' if self.count != 1 else ''} had a number where text is expected, read as text "
+                f"({'; '.join(self.first)}{'; …' if self.count > len(self.first) else ''})")
+
+    def as_dict(self) -> dict:
+        return {"rows": self.count, "first": self.first}
 
 
 @dataclass
@@ -61,12 +92,13 @@ class DataBundle:
     validation: Split | None
     encoder: Encoder
     bad_rows: BadRows = field(default_factory=BadRows)
+    numbers: NumbersAsText = field(default_factory=NumbersAsText)
 
 
 def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,
                   system_prompt: str | None = None, instruction: str | None = None,
                   labels: list[str] | None = None, sample_seed: int | None = None, prompt_style: str = "text",
-                  bad_rows: BadRows | None = None) -> list[Example]:
+                  bad_rows: BadRows | None = None, numbers: NumbersAsText | None = None) -> list[Example]:
     """Read and format rows: the first `limit`, or with `sample_seed` a seeded random sample of `limit` rows.
     Classification rows take their label set from `labels`, else from every row of the source. A row that cannot
     be formatted is an error naming it, or with `bad_rows` (policy skip) counted there and left out."""
@@ -80,15 +112,19 @@ def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str =
         index = sorted(random.Random(sample_seed).sample(index, limit)) if sample_seed is not None else index[:limit]
     examples = []
     for i in index:
+        place = rows.place(i)
+        row, changed = numbers_as_text(rows[i], fmt, fields)
+        if changed and numbers is not None:
+            numbers.note(f"{Path(source).name} {place}", changed)
         try:
-            ex = to_example(rows[i], fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt,
+            ex = to_example(row, fmt, fields, where=f"{source} {place}", system_prompt=system_prompt,
                             instruction=instruction, labels=labels, prompt_style=prompt_style)
         except UserError as e:
             if bad_rows is None:
                 raise
-            bad_rows.handle(e)
+            bad_rows.handle(e, f"{Path(source).name} {place}")
             continue
-        ex.row = i
+        ex.row, ex.place = i, f"{Path(source).name} {place}"
         examples.append(ex)
     if not examples:
         raise UserError(f"data {source}: every one of its {len(index)} rows was bad and skipped "
@@ -115,10 +151,10 @@ def encode_split(name: str, examples: list[Example], encoder: Encoder, source: s
 def build(recipe, tokenizer) -> DataBundle:
     """Read, format, encode and split the recipe's data."""
     d = recipe.data
-    bad = BadRows(d.on_bad_rows)
+    bad, numbers = BadRows(d.on_bad_rows), NumbersAsText()
     encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format, bad_rows=bad)
     examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt,
-                             instruction=d.instruction, prompt_style=d.prompt_style, bad_rows=bad)
+                             instruction=d.instruction, prompt_style=d.prompt_style, bad_rows=bad, numbers=numbers)
     labels = examples[0].choices if d.format == "classification" and examples else None
     validation_examples: list[Example] = []
     val_source = ""
@@ -135,8 +171,8 @@ def build(recipe, tokenizer) -> DataBundle:
     elif isinstance(d.validation, str):
         validation_examples = load_examples(d.validation, d.format, d.fields, system_prompt=d.system_prompt,
                                             instruction=d.instruction, labels=labels, prompt_style=d.prompt_style,
-                                            bad_rows=bad)
+                                            bad_rows=bad, numbers=numbers)
         val_source = d.validation
     train = encode_split("train", examples, encoder, d.train)
     validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None
-    return DataBundle(train, validation, encoder, bad)
+    return DataBundle(train, validation, encoder, bad, numbers)

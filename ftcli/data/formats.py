@@ -43,7 +43,8 @@ class Example:
     gold: int | None = None  # ... and the index of the right one
     rejected: list[dict] | None = None  # preference rows: the rejected conversation (messages is the chosen one)
     n_prompt: int | None = None  # preference rows: how many messages the shared prompt has
-    row: int | None = None  # the row's index in its source (for errors and the report)
+    row: int | None = None  # the row's index in its source
+    place: str | None = None  # where the row is, as a person finds it ("train.jsonl line 12"; errors, the report)
 
     @property
     def prompt(self) -> list[dict]:
@@ -79,6 +80,40 @@ def _is_number(v: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+# the fields that hold text (a number there is read as its text, and said); labels and answers may be numbers
+TEXT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("text",), "classification": ("text",),
+               "choice": ("question", "choices"), "chat": ("messages",), "preference": ("prompt", "chosen", "rejected")}
+
+
+def numbers_as_text(row: dict, fmt: str, fields: dict[str, str]) -> tuple[dict, list[str]]:
+    """The row with every number (or true/false) in a text field turned into its text, and what was turned:
+    ["output: 42", ...]. Spreadsheets and JSON exports write 42 where the answer is the text "42"."""
+    def text(value):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    changed, out = [], dict(row)
+    content = fields.get("content", "content")
+    for name in TEXT_FIELDS.get(fmt, ()):
+        col = fields.get(name, name)
+        value = row.get(col)
+        if isinstance(value, (int, float)):
+            out[col] = text(value)
+            changed.append(f"{col}: {value!r}")
+        elif isinstance(value, list):
+            items = []
+            for j, item in enumerate(value):
+                if isinstance(item, (int, float)):  # a list of options
+                    items.append(text(item))
+                    changed.append(f"{col}[{j}]: {item!r}")
+                elif isinstance(item, dict) and isinstance(item.get(content), (int, float)):  # a chat message
+                    items.append({**item, content: text(item[content])})
+                    changed.append(f"{col}[{j}].{content}: {item[content]!r}")
+                else:
+                    items.append(item)
+            out[col] = items
+    return out, changed
 
 
 def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_prompt: str | None = None,

@@ -91,6 +91,11 @@ class EncodeStats:
         return d
 
 
+def where(ex: Example) -> str:
+    """Where an example's row is, for a message: "train.jsonl line 12" (or its index where it has no file)."""
+    return ex.place or f"row {ex.row}"
+
+
 def pad_id(tokenizer) -> int:
     """The id rows are padded with: the tokenizer's pad token, else its EOS (pads are never trained or attended)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -126,6 +131,7 @@ class Encoder:
         self.bad_rows = bad_rows  # data.BadRows: what to do with a pair that cannot train (None: refuse it)
         self.format = format
         self.template = resolve_template(tokenizer, template) if format != "completion" else None
+        self.template_origin = "tokenizer's own chat template" if template is None else "chat template"
         self.max_len = max_len
         self.overlong = overlong
         self.eot = self._end_of_turn()
@@ -143,9 +149,16 @@ class Encoder:
 
     # -- rendering -------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2 import TemplateError  # SecurityError too: transformers renders in jinja's sandbox
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as e:
+            raise UserError(f"data.chat_template: the {self.template_origin} fails to render a conversation "
+                            f"({type(e).__name__}: {e}); give a working Jinja template, a .jinja file, or a name "
+                            f"({', '.join(NAMED_TEMPLATES)})") from None
 
     def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of every assistant turn (content + end-of-turn)."""
@@ -254,7 +267,7 @@ class Encoder:
             for messages in (ex.messages, ex.rejected):
                 text, sp = self.trained_spans(messages)
                 if not text.startswith(prompt):
-                    raise UserError(f"row {ex.row}: the chat template renders the prompt differently inside the "
+                    raise UserError(f"{where(ex)}: the chat template renders the prompt differently inside the "
                                     "conversation, so the completion cannot be separated; set data.chat_template")
                 tails.append(text[len(prompt):])
                 spans.append([(s - len(prompt), e - len(prompt)) for s, e in sp if s >= len(prompt)])
@@ -287,9 +300,9 @@ class Encoder:
             problem = "chosen and rejected are the same tokens" + (" after truncation" if truncated else "")
         if problem:
             if self.bad_rows is None or self.bad_rows.policy == "error":
-                raise UserError(f"row {ex.row}: {problem} (data.on_bad_rows: skip drops such pairs and counts them)")
+                raise UserError(f"{where(ex)}: {problem} (data.on_bad_rows: skip drops such pairs and counts them)")
             stats.dropped_bad += 1
-            self.bad_rows.note(f"row {ex.row}: {problem}")
+            self.bad_rows.note(f"{where(ex)}: {problem}", where(ex))
             return None
         stats.truncated += truncated
         n = len(prompt)

@@ -115,7 +115,7 @@ class Distill(Objective):
         from ftcli import models
 
         spec = self.params.teacher.model
-        teacher_tok = models.load_tokenizer(spec)
+        teacher_tok = models.load_tokenizer(spec, key="objective.teacher")
         problem = same_tokenizer(tokenizer, teacher_tok)
         if problem:
             raise UserError(f"objective.teacher: {spec} and the student {recipe.base_model} do not share a "
@@ -131,7 +131,7 @@ class Distill(Objective):
                      "answers": p.answers}
         if ctx.dry_run:
             return
-        self.teacher = models.load_model(p.teacher.model, log=ctx.log).eval()
+        self.teacher = models.load_model(p.teacher.model, log=ctx.log, key="objective.teacher").eval()
         self.teacher.requires_grad_(False)
         if p.answers == "teacher":
             self._teacher_answers(ctx, data)

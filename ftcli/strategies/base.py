@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class Params(BaseModel):
     """Base of every strategy's settings: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     def resolve_paths(self, fix_model) -> None:
         """Make the models or runs these settings name absolute with `fix_model` (as the recipe's base_model)."""

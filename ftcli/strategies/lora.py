@@ -76,14 +76,18 @@ class Lora(Strategy):
         return config
 
     def prepare(self, model, ctx: Context):
+        import torch
         from peft import get_peft_model
 
         from ftcli.errors import UserError
 
         try:
             peft_model = get_peft_model(model, self.lora_config())
-        except ValueError as e:  # PEFT names the missing target modules
-            raise UserError(f"strategy.target_modules: {e}") from None
+        except ValueError as e:  # PEFT names the missing target modules; we add which there are
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear) and n != "lm_head"} | {"all-linear"})
+            raise UserError(f"strategy.target_modules: {str(e).split('. Please')[0]}; this model's linear layers "
+                            f"are: {', '.join(names)}") from None
         peft_model.peft_config["default"].base_model_name_or_path = ctx.recipe.base_model
         if self.fused and ctx.recipe.training.precision == "bf16":
             store_frozen_in_bf16(peft_model)
