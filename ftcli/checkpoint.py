@@ -2,8 +2,11 @@
 
 - `trainable.safetensors`: the values of the parameters the optimiser owns (adapter or weights), by name;
 - `optimizer.pt`, `scheduler.pt`: their state dicts (tensors and numbers only; loaded with weights_only=True);
-- `rng.pt`: the torch (and CUDA) generator states; `state.json`: step, data position, Python's RNG, the
-  strategy's own state and the metrics so far.
+- `rng.pt`: the torch (and CUDA) generator states, and on several processes every rank's (`ranks`);
+  `state.json`: step, data position, Python's RNG, the strategy's own state and the metrics so far.
+
+Tensors and optimiser state are whole (gathered from every rank under FSDP: ftcli/parallel.py), so a checkpoint
+reads the same whatever wrote it; only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,45 +40,66 @@ def list_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int) -> Path:
+def rng_state() -> dict:
+    """This process's random generators: torch, CUDA, Python."""
+    rng = {"torch": torch.get_rng_state(), "python": _py_rng_to_json(random.getstate())}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def save(run_dir: Path, step: int, tensors: dict, optimizer_state: dict, scheduler_state: dict, state: dict,
+         keep: int, ranks: list[dict] | None = None) -> Path:
+    """Write checkpoint `step`: whole `tensors` by name, the optimiser and schedule states, this process's RNG
+    (and `ranks`: every rank's `rng_state()`, on several processes) and `state`; keep the newest `keep`."""
     target = folder(run_dir) / f"{PREFIX}{step}"
     with atomic.folder(target) as tmp:
-        tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in named_params}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        own = rng_state()
+        rng = {"torch": own["torch"], **({"cuda": own["cuda"]} if "cuda" in own else {})}
+        if ranks:
+            rng["ranks"] = ranks
         torch.save(rng, tmp / "rng.pt")
-        state = dict(state, step=step, python_rng=_py_rng_to_json(random.getstate()))
+        state = dict(state, step=step, python_rng=own["python"])
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=str))
     for old in list_steps(run_dir)[:-keep]:
         shutil.rmtree(folder(run_dir) / f"{PREFIX}{old}", ignore_errors=True)
     return target
 
 
-def load(run_dir: Path, named_params, optimizer, scheduler) -> dict:
-    """Restore the newest checkpoint into the given objects; returns its state dict."""
+@dataclass
+class Saved:
+    """The newest checkpoint of a run, read back."""
+
+    path: Path
+    tensors: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    state: dict
+
+    def restore_rng(self, rank: int = 0) -> None:
+        """Set this process's generators as rank `rank`'s were."""
+        mine = self.rng["ranks"][rank] if "ranks" in self.rng else {**self.rng, "python": self.state["python_rng"]}
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        random.setstate(_py_rng_from_json(mine["python"]))
+
+
+def load(run_dir: Path, names) -> Saved:
+    """Read the newest checkpoint; `names`: the trained tensors it must hold."""
     steps = list_steps(run_dir)
     src = folder(run_dir) / f"{PREFIX}{steps[-1]}"
     tensors = load_file(str(src / "trainable.safetensors"))
-    params = dict(named_params)
-    missing = sorted(set(params) - set(tensors))
+    missing = sorted(set(names) - set(tensors))
     if missing:
         raise KeyError(f"checkpoint {src} lacks {len(missing)} trained tensors, e.g. {missing[0]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=True))
-    rng = torch.load(src / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((src / "state.json").read_text())
-    random.setstate(_py_rng_from_json(state["python_rng"]))
-    return state
+    return Saved(src, tensors, torch.load(src / "optimizer.pt", weights_only=True),
+                 torch.load(src / "scheduler.pt", weights_only=True), torch.load(src / "rng.pt", weights_only=True),
+                 json.loads((src / "state.json").read_text()))
 
 
 def _py_rng_to_json(s):

@@ -19,7 +19,8 @@ class Plan:
     steps: int
     example: list[tuple[str, bool]]
     notes: list[str] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
+    memory: dict[str, float] = field(default_factory=dict)  # MB per part and process, an estimate
+    processes: int = 1
 
 
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
@@ -28,11 +29,13 @@ ACTIVATION_BYTES = 104
 
 
 def memory_estimate(recipe, strategy, model, trainable: int, total: int,
-                    optimized: int | None = None) -> dict[str, float]:
+                    optimized: int | None = None, processes: int = 1) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
     (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
     upper bound), and what the strategy keeps besides (EWC's Fisher and anchor). `optimized`: parameters AdamW
-    keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
+    keeps state for, when more than train at once (hft: every parameter that trains in some round). Per process: on
+    `processes` processes with training.distributed fsdp, weights, gradients and AdamW state are split across them
+    (plus one decoder block gathered whole at a time, not counted)."""
     import torch
 
     cfg = model.config
@@ -45,21 +48,22 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int,
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": parts.pop("weights"), "gradients": trainable * 4, "optimizer (AdamW)": (optimized or trainable) * 8,
-           "activations (upper bound)": activations, **parts}
+    shards = processes if processes > 1 and recipe.training.distributed == "fsdp" else 1
+    out = {"weights": parts.pop("weights") / shards, "gradients": trainable * 4 / shards,
+           "optimizer (AdamW)": (optimized or trainable) * 8 / shards, "activations (upper bound)": activations, **parts}
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
 
 
-def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
+def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:
     from ftcli import data as data_mod
     from ftcli import models, objectives, scoring, strategies
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
     strategy = strategies.get(recipe.strategy)
-    strategies.refuse_unsupported(strategy)
+    strategies.refuse_unsupported(strategy, recipe)
     objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
@@ -68,7 +72,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
                               meta=True, log=log)
     ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
-                  strategy=strategy)
+                  strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)
     trainable, total = count_parameters(model)
     splits = {"train": bundle.train.stats.as_dict()}
@@ -83,8 +87,8 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
-    steps, _ = recipe.total_steps(len(bundle.train))
+    steps, _ = recipe.total_steps(len(bundle.train), processes)
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
+    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized, processes)
     example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
-    return Plan(splits, trainable, total, steps, example, notes, memory)
+    return Plan(splits, trainable, total, steps, example, notes, memory, processes)

@@ -89,10 +89,11 @@ class Lora(Strategy):
             store_frozen_in_bf16(peft_model)
         return peft_model
 
-    def save(self, model, folder):
+    def save(self, model, folder, state_dict=None):
         # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
         # model up on the hub to compare vocabularies (a warning offline)
-        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False,
+                              state_dict=state_dict)
 
 
 def store_frozen_in_bf16(model) -> int:
@@ -132,6 +133,10 @@ class Qlora(Lora):
 
     def unsupported(self) -> str | None:
         return qlora_support()
+
+    def unshardable(self) -> str | None:
+        return ("FSDP2 cannot shard bitsandbytes' packed 4-bit weights; use training.distributed: ddp (each process "
+                "keeps the whole 4-bit base, about a quarter of its float32 size)")
 
     def base_loading(self, *, for_export: bool = False) -> dict:
         """The base in 4-bit as trained; for export the same 4-bit base computing in float32 (export.py folds
