@@ -302,7 +302,9 @@ def main() -> None:
 
     quiet()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FtcliError as e:
         if _state["debug"]:
             raise

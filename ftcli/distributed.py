@@ -98,19 +98,23 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     """Run `python -m ftcli ARGV` on `nproc` local processes through torchrun's own launcher (standalone
     rendezvous on a free port); returns the exit code of the first process that failed, or 0."""
     import logging
+    import sys
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # the agent's notices (OMP_NUM_THREADS, closing signals) and its failure summary: the failing rank printed the
     # message already
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "ftcli", *argv])
     try:
         torchrun.run(args)
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        rank, failure = e.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        print(f"error: process {rank} of {nproc} ended by signal {failure.signal_name()}", file=sys.stderr)
+        return 1
     return 0
 
 

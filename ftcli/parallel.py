@@ -142,6 +142,8 @@ class Fsdp(Replica):
         # the RNG untouched), so that evaluation, which calls the model's parts directly, never becomes the root
         with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model):
             self.module(warmup_batch)
+        for unit in self.units:  # the root keeps its parameters whole after a forward until the backward
+            unit.reshard()
 
     @contextmanager
     def gathered(self):
