@@ -89,6 +89,11 @@ class Saved:
         random.setstate(_py_rng_from_json(mine["python"]))
 
 
+def newest_state(run_dir: Path) -> dict:
+    """state.json of the newest checkpoint."""
+    return json.loads((folder(run_dir) / f"{PREFIX}{list_steps(run_dir)[-1]}" / "state.json").read_text())
+
+
 def load(run_dir: Path, names) -> Saved:
     """Read the newest checkpoint; `names`: the trained tensors it must hold."""
     steps = list_steps(run_dir)

@@ -234,12 +234,17 @@ def _silent(*args, **kwargs) -> None:
 def open_run_folder(recipe, output: Path, *, resume: bool, overwrite: bool, log=print) -> RunFolder:
     """The run folder, created (or checked for --resume: the same recipe, a checkpoint to resume from), with the
     resolved recipe written into it. On several processes rank 0 does this and the others learn its outcome."""
-    problem = None
-    if distributed.world().main:
+    problem, world = None, distributed.world()
+    if world.main:
         try:
             folder = RunFolder.create(output, resume=resume, overwrite=overwrite)
             if resume:
                 note = folder.resume_check(recipe)
+                processes = checkpoint.newest_state(folder.path).get("processes", 1)
+                if processes != world.size:  # the plan deals each step's rows out to that many
+                    raise UserError(f"--resume: {folder.path} was trained on {processes} process(es), each step a "
+                                    f"global batch of {recipe.global_batch(processes)} rows; resume it on as many "
+                                    f"(--nproc {processes})")
                 if note:
                     log(f"note: {note}")
             folder.write_recipe(recipe)
@@ -373,10 +378,6 @@ class Trainer:
     def restore(self) -> TrainState:
         saved = checkpoint.load(self.folder.path, [n for n, _ in self.named])
         state = TrainState.from_checkpoint(saved.state)
-        if state.processes != self.world.size:
-            raise UserError(f"--resume: {self.folder.path} was trained on {state.processes} process(es), each step "
-                            f"a global batch of {self.recipe.global_batch(state.processes)} rows; resume it on as many "
-                            f"(--nproc {state.processes})")
         self.parallel.load_full(self.named, saved.tensors)
         self.parallel.load_optimizer_state(self.optimizer, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)

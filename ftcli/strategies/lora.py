@@ -134,10 +134,6 @@ class Qlora(Lora):
     def unsupported(self) -> str | None:
         return qlora_support()
 
-    def unshardable(self) -> str | None:
-        return ("FSDP2 cannot shard bitsandbytes' packed 4-bit weights; use training.distributed: ddp (each process "
-                "keeps the whole 4-bit base, about a quarter of its float32 size)")
-
     def base_loading(self, *, for_export: bool = False) -> dict:
         """The base in 4-bit as trained; for export the same 4-bit base computing in float32 (export.py folds
         the adapter into it de-quantised)."""
