@@ -119,6 +119,7 @@ CASES = {  # name → (strategy, training overrides, distributed mode)
                 "ddp"),
 }
 QLORA = {mode: ({"name": "qlora", "r": 4, "alpha": 8}, {}, mode) for mode in ("ddp", "fsdp")}
+EVALS = ("fsdp-lora", "cli-lora")  # runs with every kind of metric, in validation and retention sets
 ROWS = {"ddp-lora-accum": (2, 2), "fsdp-lora": (4, 1)}  # name → (steps per epoch, whole epochs in the run)
 RESUMED = {"ddp": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}, {"checkpoint_every": 2, "max_steps": 6}),
            "fsdp": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}, {"checkpoint_every": 2, "max_steps": 6})}
@@ -130,15 +131,22 @@ class Bench:
     def __init__(self, root: Path, model: Path):
         self.root, self.model = root, model
         self.train = write_jsonl(root / "train.jsonl", rows(13, 0))
-        self.val = write_jsonl(root / "val.jsonl", rows(4, 1))
+        self.val = write_jsonl(root / "val.jsonl", rows(5, 1))  # 5 and 7 rows: the ranks' shares differ
+        self.mc = write_jsonl(root / "mc.jsonl", [{"question": f"which comes {i} ?", "choices": ["one", "two", "three"],
+                                                   "answer": i % 3} for i in range(7)])
 
     def recipe(self, name: str, processes: int, strategy: dict, training: dict, mode: str = "ddp") -> Path:
         folder = self.root / f"{name}-{processes}"
         folder.mkdir(parents=True, exist_ok=True)
+        evals = {}
+        if name in EVALS:  # every sharded metric path: the objective's loss, generation, candidates, retention loss
+            evals = {"metrics": ["loss", "perplexity", "exact_match"], "max_new_tokens": 4,
+                     "retention": [{"data": str(self.mc), "format": "choice", "metric": "choice"},
+                                   {"data": str(self.train), "format": "alpaca", "metric": "loss", "limit": 7}]}
         return make_recipe(folder, self.model, self.train, strategy=strategy,
                            data={"validation": str(self.val), "packing": True},
                            training={"max_steps": 5, "batch_size": 4 // processes, "lr": 1e-2, "seed": 0,
-                                     "distributed": mode, **training})
+                                     "distributed": mode, **training}, **({"eval": evals} if evals else {}))
 
     def run_dir(self, name: str, processes: int) -> Path:
         return self.root / f"{name}-{processes}" / "run"
@@ -207,6 +215,25 @@ def test_qlora_trains_sharded_and_replicated_alike(launch):
     r = recipe_mod.load(path)
     train.run(r, output=Path(r.output), progress=False)
     assert_same_run(launch.run_dir("qlora", 1), launch.run_dir("fsdp-qlora", 2), tol=1e-3)
+
+
+def assert_same_scores(one: Path, two: Path) -> None:
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    for when in ("before", "after"):
+        assert a[when].keys() == b[when].keys() and "exact_match" in a[when]
+        for k, v in a[when].items():
+            if isinstance(v, float) and k != "rows_per_s":
+                assert b[when][k] == pytest.approx(v, rel=1e-6, abs=1e-6), (when, k)
+    assert [(r["name"], r["rows"]) for r in a["retention"]] == [(r["name"], r["rows"]) for r in b["retention"]]
+    for ra, rb in zip(a["retention"], b["retention"]):
+        assert (rb["before"], rb["after"]) == pytest.approx((ra["before"], ra["after"]), rel=1e-6, abs=1e-6), ra["name"]
+
+
+@pytest.mark.distributed
+def test_sharded_validation_and_retention_score_as_one_process(launch):
+    """Validation (loss, perplexity, exact match by generation) and retention sets (choice accuracy, loss) are
+    scored by each rank on its share of the rows, with FSDP's parameters gathered, and equal one process's."""
+    assert_same_scores(reference(launch, "fsdp-lora"), launch.run_dir("fsdp-lora", 2))
 
 
 @pytest.mark.distributed
@@ -302,6 +329,7 @@ def test_torchrun_m_ftcli_trains_like_one_process_and_writes_one_run_folder(benc
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("run folder") == 1
     assert_same_run(reference(bench, "fsdp-lora"), bench.run_dir("cli-lora", 2))  # 1 process: the mode is moot
+    assert_same_scores(reference(bench, "fsdp-lora"), bench.run_dir("cli-lora", 2))
     report = json.loads((bench.run_dir("cli-lora", 2) / "report.json").read_text())
     assert (report["run"]["processes"], report["run"]["global_batch"], report["run"]["distributed"]) == (2, 4, "ddp")
     assert len(report["throughput"]["peak_rss_mb_per_process"]) == 2
