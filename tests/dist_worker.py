@@ -10,6 +10,7 @@ Jobs ({"kind": ...}):
   writes the trainable tensors it holds at the end).
 - roundtrip: rank-tagged values in every rank's share of the trainable parameters, saved as a checkpoint and as
   the artifact, then restored into the sharded model (see `roundtrip`).
+- cli: `ftcli ARGS` through the CLI's `main()` (what `torchrun -m ftcli` runs), expecting exit code `expect_code`.
 """
 
 from __future__ import annotations
@@ -129,15 +130,31 @@ def roundtrip(job: dict, world) -> None:
                 assert torch.equal(mine, moments[id(p)][k]), f"rank {world.rank}: {name} {k} not restored"
 
 
+def cli(job: dict, world) -> None:
+    from ftcli.cli import main as ftcli_main
+
+    sys.argv = ["ftcli", *job["args"]]
+    try:
+        ftcli_main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    assert code == job["expect_code"], f"rank {world.rank}: exit {code}"
+
+
 def main(jobs_file: str) -> None:
     from ftcli import distributed
     from ftcli.logs import quiet
 
     quiet()
     world = distributed.init()
-    for job in json.loads(Path(jobs_file).read_text()):
-        {"train": train_job, "roundtrip": roundtrip}[job["kind"]](job, world)
-        print(f"rank {world.rank}: done {job['kind']} {job.get('recipe')}", flush=True)
+    for n, job in enumerate(json.loads(Path(jobs_file).read_text())):
+        # one write per line: the ranks share the pipe, and print() writes the text and the newline apart
+        sys.stderr.write(f"rank {world.rank}: <job {n}>\n")  # where each job's messages start
+        sys.stderr.flush()
+        {"train": train_job, "roundtrip": roundtrip, "cli": cli}[job["kind"]](job, world)
+        sys.stdout.write(f"rank {world.rank}: <done {n}>\n")
+        sys.stdout.flush()
     distributed.close()
 
 

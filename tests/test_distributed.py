@@ -180,10 +180,19 @@ def launch(bench):
     for name, strategy in (("roundtrip-lora", {"name": "lora", "r": 1, "alpha": 2}), ("roundtrip-full", {"name": "full"})):
         path = bench.recipe(name, 2, strategy, {}, "fsdp")
         jobs.append({"kind": "roundtrip", "recipe": str(path), "expected": str(bench.root / f"{name}.expected")})
+    # `ftcli train` as typed (main()), on a run folder that exists: exit 2, the message once
+    jobs.append({"kind": "cli", "args": ["train", str(bench.recipe("straight-ddp", 2, *RESUMED["ddp"], "ddp"))],
+                 "expect_code": 2})
+    # last, as it ends the launch: SIGKILL on rank 1 after step 3 (the kill test resumes it)
+    jobs.append({"kind": "train", "recipe": str(bench.recipe("killed-ddp", 2, *RESUMED["ddp"], "ddp")),
+                 "signal": {"rank": 1, "step": 3, "name": "SIGKILL"}})
     spec = bench.root / "jobs.json"
     spec.write_text(json.dumps(jobs))
     done = torchrun(WORKER, spec)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    bench.launch_output = done
+    assert done.returncode != 0  # the kill
+    finished = [n for n in range(len(jobs)) if f"rank 0: <done {n}>" in done.stdout]
+    assert finished == list(range(len(jobs) - 1)), done.stdout[-3000:] + done.stderr[-6000:]
     return bench
 
 
@@ -297,16 +306,11 @@ def test_interrupt_on_one_rank_stops_both_and_resume_is_exact(launch):
 
 @pytest.mark.distributed
 def test_kill_and_resume_on_two_processes_equals_the_uninterrupted_run(launch):
-    """SIGKILL on rank 1 after step 3 ends the launch (checkpoint at step 2); `ftcli train --nproc 2 --resume`
-    continues it to the same losses and adapter as the uninterrupted 2-process run."""
-    strategy, training = RESUMED["ddp"]
-    path = launch.recipe("killed-ddp", 2, strategy, training, "ddp")
-    spec = launch.root / "kill.json"
-    spec.write_text(json.dumps([{"kind": "train", "recipe": str(path),
-                                 "signal": {"rank": 1, "step": 3, "name": "SIGKILL"}}]))
-    died = torchrun(WORKER, spec)
+    """SIGKILL on rank 1 after step 3 ended the worker's launch (checkpoint at step 2); `ftcli train --nproc 2
+    --resume` continues it to the same losses and adapter as the uninterrupted 2-process run."""
+    path = launch.recipe("killed-ddp", 2, *RESUMED["ddp"], "ddp")
     run_dir = launch.run_dir("killed-ddp", 2)
-    assert died.returncode != 0 and not (run_dir / "adapter").exists()
+    assert not (run_dir / "adapter").exists()
     assert (run_dir / "checkpoints" / "step-2" / "state.json").is_file()
     done = ftcli("train", path, "--resume", "--nproc", "2")
     assert done.returncode == 0, done.stderr[-4000:]
@@ -322,7 +326,7 @@ def test_kill_and_resume_on_two_processes_equals_the_uninterrupted_run(launch):
 @pytest.mark.distributed
 def test_torchrun_m_ftcli_trains_like_one_process_and_writes_one_run_folder(bench):
     """`torchrun -m ftcli train` as users type it: LoRA, 2 × batch 2 = 1 × batch 4; one summary; the report names
-    the processes and the global batch. Then the same command again: the run folder exists, said once, exit 2."""
+    the processes and the global batch."""
     strategy, training, _ = CASES["fsdp-lora"]
     path = bench.recipe("cli-lora", 2, strategy, training, "ddp")
     done = torchrun("-m", "ftcli", "train", path)
@@ -333,9 +337,18 @@ def test_torchrun_m_ftcli_trains_like_one_process_and_writes_one_run_folder(benc
     report = json.loads((bench.run_dir("cli-lora", 2) / "report.json").read_text())
     assert (report["run"]["processes"], report["run"]["global_batch"], report["run"]["distributed"]) == (2, 4, "ddp")
     assert len(report["throughput"]["peak_rss_mb_per_process"]) == 2
-    again = ftcli("train", path, "--nproc", "2")
-    assert again.returncode == 2
-    assert again.stderr.count("already exists") == 1 and "Traceback" not in again.stderr
+
+
+@pytest.mark.distributed
+def test_an_error_on_every_rank_is_said_once(launch):
+    """The worker ran `ftcli train` (the CLI's main) on both ranks on a run folder that exists: both exit 2, one
+    message, no traceback."""
+    jobs = json.loads((launch.root / "jobs.json").read_text())
+    n = next(i for i, job in enumerate(jobs) if job["kind"] == "cli")
+    err = launch.launch_output.stderr
+    start = min(err.index(f"rank {r}: <job {n}>") for r in range(2))
+    err = err[start : max(err.index(f"rank {r}: <job {n + 1}>") for r in range(2))]  # either rank may say it
+    assert err.count("already exists") == 1 and "Traceback" not in err, err
 
 
 # ------------------------------------------------------------------------------------------------------------
