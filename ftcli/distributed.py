@@ -101,14 +101,20 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     import sys
 
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # the agent's notices (OMP_NUM_THREADS, closing signals) and its failure summary: the failing rank printed the
     # message already
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "ftcli", *argv])
     try:
         torchrun.run(args)
+    except SignalException:
+        # Ctrl-C reaches the agent only (each process has a session of its own): it passes the signal on and waits
+        # (30 s) for the processes to finish their step and checkpoint; they say so
+        return 130
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         if failure.exitcode > 0:

@@ -496,8 +496,9 @@ class Trainer:
                         interrupt.requested = distributed.any_rank(interrupt.requested)
                     if interrupt.requested:
                         self.save_checkpoint(state)
+                        again = f" --nproc {self.world.size}" if self.world.size > 1 else ""
                         return "interrupted", (f"interrupted at step {state.step}; continue with: ftcli train RECIPE "
-                                               "--resume")
+                                               f"--resume{again}")
         except KeyboardInterrupt:
             return "interrupted", f"stopped at once during step {state.step + 1}; resume from the last checkpoint"
         return "finished", ""
