@@ -137,7 +137,7 @@ def render_markdown(s: dict) -> str:
     out += [
         f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` · "
         f"objective `{run.get('objective', 'sft')}` on "
-        f"`{run['base_model']}` · wall time {run['wall_s']:.0f} s"
+        f"`{run['base_model']}` · precision {run.get('precision', 'fp32')} · wall time {run['wall_s']:.0f} s"
         + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else ""),
         "",
     ]
@@ -178,7 +178,7 @@ def render_markdown(s: dict) -> str:
     out += ["## Data", "", "| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, st in s["data"]["splits"].items():
-        dropped = st["dropped_overlong"] + st["dropped_untrained"]
+        dropped = st["dropped_overlong"] + st["dropped_untrained"] + st.get("dropped_bad", 0)
         out.append(f"| {name} | {st['rows']:,} | {st['kept']:,} | {st['tokens']:,} | {st['trained_tokens']:,} | "
                    f"{st['trained_fraction'] * 100:.1f}% | {st['truncated']:,} | {dropped:,} |")
     ex = s["data"].get("example")
