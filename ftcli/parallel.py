@@ -50,7 +50,7 @@ class Replica:
 
     grad_scale = 1
 
-    def __init__(self, model, objective, strategy=None, warmup_batch=None):
+    def __init__(self, model, objective, strategy=None, warmup_batch=None, autocast=nullcontext):
         self.model = model
         self.module = StepModule(model, objective)
 
@@ -95,7 +95,7 @@ def _all_trainable(named):
 
 
 class Ddp(Replica):
-    def __init__(self, model, objective, strategy, warmup_batch=None):
+    def __init__(self, model, objective, strategy, warmup_batch=None, autocast=nullcontext):
         from torch.nn.parallel import DistributedDataParallel
 
         from ftcli import distributed
@@ -120,7 +120,7 @@ def block_classes(model) -> set[str]:
 
 
 class Fsdp(Replica):
-    def __init__(self, model, objective, strategy, warmup_batch):
+    def __init__(self, model, objective, strategy, warmup_batch, autocast=nullcontext):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from ftcli import distributed
@@ -139,8 +139,9 @@ class Fsdp(Replica):
         self.module = fully_shard(StepModule(model, objective), mp_policy=policy)
         self.units = [*blocks, self.module]
         # FSDP2 takes the first module forwarded as its root: forward the step module once (no gradient, eval mode,
-        # the RNG untouched), so that evaluation, which calls the model's parts directly, never becomes the root
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model):
+        # the RNG untouched, the step's precision), so that evaluation, which calls the model's parts directly,
+        # never becomes the root
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), eval_mode(model), autocast():
             self.module(warmup_batch)
         for unit in self.units:  # the root keeps its parameters whole after a forward until the backward
             unit.reshard()
@@ -188,10 +189,11 @@ class Fsdp(Replica):
 MODES = {"ddp": Ddp, "fsdp": Fsdp}
 
 
-def wrap(model, objective, strategy, mode: str, warmup_batch) -> Replica:
-    """The step module for this process: as is in one process, else under DDP or FSDP2 (`mode`)."""
+def wrap(model, objective, strategy, mode: str, warmup_batch, autocast=nullcontext) -> Replica:
+    """The step module for this process: as is in one process, else under DDP or FSDP2 (`mode`). `warmup_batch`
+    and `autocast`: one batch and the step's precision, for FSDP's first forward."""
     from ftcli import distributed
 
     if distributed.world().size == 1:
         return Replica(model, objective)
-    return MODES[mode](model, objective, strategy, warmup_batch)
+    return MODES[mode](model, objective, strategy, warmup_batch, autocast)

@@ -341,7 +341,7 @@ class Trainer:
         self.autocast = autocast_for(t.precision, self.device.type)
         first = to_device(self.objective.collate([setup.data.train.encoded[0]], self.pad_id, self.recipe.data.packing,
                                                  self.recipe.data.max_len), self.device)
-        self.parallel = parallel.wrap(self.model, self.objective, self.strategy, t.distributed, first)
+        self.parallel = parallel.wrap(self.model, self.objective, self.strategy, t.distributed, first, self.autocast)
         self.filler = first  # what a rank with fewer passes than the step's busiest runs, counting zero
         self.named = self.strategy.train_params(self.model)  # after wrapping: FSDP replaces the parameters
         if not self.named:

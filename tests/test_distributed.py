@@ -45,6 +45,25 @@ def rows(n: int, seed: int) -> list[dict]:
             for i, k in enumerate(rng.randint(1, 9) for _ in range(n))]
 
 
+def pairs(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"what is {a} + {b}", "chosen": f"{a + b}", "rejected": f"the answer is {a + b} , I think"}
+            for a, b in ((rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n))]
+
+
+def teacher(folder: Path) -> Path:
+    """The tiny model with other weights and a sharper head, the same tokenizer."""
+    import make_tiny_model
+
+    tok = make_tiny_model.build_tokenizer()
+    model = make_tiny_model.build_model(tok, seed=7)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
 def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -117,8 +136,13 @@ CASES = {  # name → (strategy, training overrides, distributed mode)
     "fsdp-frozen": ({"name": "frozen", "last_n_blocks": 1}, {}, "fsdp"),
     "ddp-ewc": ({"name": "ewc", "lambda": 50.0, "fisher_rows": 4, "inner": {"name": "lora", "r": 4, "alpha": 8}}, {},
                 "ddp"),
+    # objectives: dpo (pairs; the reference is the adapter switched off, a forward inside the step) and distill
+    "ddp-dpo": ({"name": "lora", "r": 4, "alpha": 8}, {}, "ddp"),
+    "fsdp-dpo": ({"name": "lora", "r": 4, "alpha": 8}, {}, "fsdp"),
+    "fsdp-distill": ({"name": "lora", "r": 4, "alpha": 8}, {}, "fsdp"),
 }
 QLORA = {mode: ({"name": "qlora", "r": 4, "alpha": 8}, {}, mode) for mode in ("ddp", "fsdp")}
+BF16 = {mode: ({"name": "lora", "r": 4, "alpha": 8}, {"precision": "bf16"}, mode) for mode in ("ddp", "fsdp")}
 EVALS = ("fsdp-lora", "cli-lora")  # runs with every kind of metric, in validation and retention sets
 ROWS = {"ddp-lora-accum": (2, 2), "fsdp-lora": (4, 1)}  # name → (steps per epoch, whole epochs in the run)
 RESUMED = {"ddp": ({"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}, {"checkpoint_every": 2, "max_steps": 6}),
@@ -132,19 +156,28 @@ class Bench:
         self.root, self.model = root, model
         self.train = write_jsonl(root / "train.jsonl", rows(13, 0))
         self.val = write_jsonl(root / "val.jsonl", rows(5, 1))  # 5 and 7 rows: the ranks' shares differ
+        self.pairs = write_jsonl(root / "pairs.jsonl", pairs(13, 0))
+        self.pairs_val = write_jsonl(root / "pairs-val.jsonl", pairs(5, 1))
+        self.teacher = teacher(root / "teacher")
         self.mc = write_jsonl(root / "mc.jsonl", [{"question": f"which comes {i} ?", "choices": ["one", "two", "three"],
                                                    "answer": i % 3} for i in range(7)])
 
     def recipe(self, name: str, processes: int, strategy: dict, training: dict, mode: str = "ddp") -> Path:
         folder = self.root / f"{name}-{processes}"
         folder.mkdir(parents=True, exist_ok=True)
-        evals = {}
+        data, objective = self.train, {}
+        if name.endswith("-dpo"):
+            data, objective = self.pairs, {"objective": {"name": "dpo"}}
+        elif name.endswith("-distill"):
+            objective = {"objective": {"name": "distill", "teacher": str(self.teacher), "alpha": 0.5}}
+        evals = {"metrics": ["loss"]} if data == self.pairs else {}
         if name in EVALS:  # every sharded metric path: the objective's loss, generation, candidates, retention loss
             evals = {"metrics": ["loss", "perplexity", "exact_match"], "max_new_tokens": 4,
                      "retention": [{"data": str(self.mc), "format": "choice", "metric": "choice"},
                                    {"data": str(self.train), "format": "alpaca", "metric": "loss", "limit": 7}]}
-        return make_recipe(folder, self.model, self.train, strategy=strategy,
-                           data={"validation": str(self.val), "packing": True},
+        return make_recipe(folder, self.model, data, strategy=strategy, **objective,
+                           data={"validation": str(self.pairs_val if data == self.pairs else self.val),
+                                 "format": "preference" if data == self.pairs else "alpaca", "packing": True},
                            training={"max_steps": 5, "batch_size": 4 // processes, "lr": 1e-2, "seed": 0,
                                      "distributed": mode, **training}, **({"eval": evals} if evals else {}))
 
@@ -162,7 +195,8 @@ def launch(bench):
     """The worker's launch: every case on 2 processes, the rows record, the FSDP interrupt + resume, round trips,
     and the straight DDP run the kill test compares with."""
     jobs = []
-    for name, (strategy, training, mode) in [*CASES.items(), *((f"{m}-qlora", c) for m, c in QLORA.items())]:
+    for name, (strategy, training, mode) in [*CASES.items(), *((f"{m}-qlora", c) for m, c in QLORA.items()),
+                                             *((f"{m}-bf16-dpo", c) for m, c in BF16.items())]:
         job = {"kind": "train", "recipe": str(bench.recipe(name, 2, strategy, training, mode))}
         if name in ROWS:
             job["rows"] = str(bench.root / f"{name}.rows")
@@ -243,6 +277,13 @@ def test_sharded_validation_and_retention_score_as_one_process(launch):
     """Validation (loss, perplexity, exact match by generation) and retention sets (choice accuracy, loss) are
     scored by each rank on its share of the rows, with FSDP's parameters gathered, and equal one process's."""
     assert_same_scores(reference(launch, "fsdp-lora"), launch.run_dir("fsdp-lora", 2))
+
+
+@pytest.mark.distributed
+def test_bf16_trains_sharded_and_replicated_alike(launch):
+    """bf16 autocast (DPO: the reference forward with the adapter off runs in the step's precision, FSDP's first
+    forward too): FSDP2 equals DDP. Against one process bf16 differs at its own rounding, as accumulation does."""
+    assert_same_run(launch.run_dir("ddp-bf16-dpo", 2), launch.run_dir("fsdp-bf16-dpo", 2))
 
 
 @pytest.mark.distributed
