@@ -378,6 +378,8 @@ def test_torchrun_m_ftcli_trains_like_one_process_and_writes_one_run_folder(benc
     report = json.loads((bench.run_dir("cli-lora", 2) / "report.json").read_text())
     assert (report["run"]["processes"], report["run"]["global_batch"], report["run"]["distributed"]) == (2, 4, "ddp")
     assert len(report["throughput"]["peak_rss_mb_per_process"]) == 2
+    md = (bench.run_dir("cli-lora", 2) / "report.md").read_text()
+    assert "2 processes (ddp), global batch 4" in md and "peak RSS per process" in md
 
 
 @pytest.mark.distributed
