@@ -55,9 +55,9 @@ def init() -> World:
         import torch
         import torch.distributed as dist
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # NCCL for CUDA tensors; gloo still carries the loop's small CPU numbers
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return world()
 
 
