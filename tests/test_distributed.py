@@ -420,3 +420,11 @@ def test_check_plans_for_n_processes(tmp_path, tiny_model_dir, run_cli):
                       training={"distributed": "fsdp"})
     code, out, err = run_cli("check", ewc)
     assert code == 2 and "training.distributed fsdp with strategy ewc" in err and "ddp" in err
+
+
+def test_the_relaunched_command_loses_only_nproc():
+    from ftcli.distributed import strip_nproc
+
+    assert strip_nproc(["--debug", "train", "r.yaml", "--nproc", "2", "--set", "a=1"]) == [
+        "--debug", "train", "r.yaml", "--set", "a=1"]
+    assert strip_nproc(["train", "r.yaml", "--nproc=4", "--resume"]) == ["train", "r.yaml", "--resume"]
