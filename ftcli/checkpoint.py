@@ -2,15 +2,17 @@
 
 - `trainable.safetensors`: the values of the parameters the optimiser owns (adapter or weights), by name;
 - `optimizer.pt`, `scheduler.pt`: their state dicts (tensors and numbers only; loaded with weights_only=True);
-- `rng.pt`: the torch (and CUDA) generator states; `state.json`: step, data position, Python's RNG, the
-  strategy's own state and the metrics so far;
+- `rng.pt`: the torch (and CUDA) generator states, and on several processes every rank's (`ranks`);
+  `state.json`: step, data position, Python's RNG, the strategy's own state and the metrics so far;
 - `extra.safetensors` (when the run records them): the SI path integral so far;
 - `manifest.json`, written last: every file's size and sha256, and the name, shape and dtype of every trained
   tensor. A checkpoint is used only when its manifest verifies; `--resume` takes the newest that does and says
   which it skipped and why (a file cut short by a full disk, damaged on disk, or missing).
 
 A checkpoint folder is written under a temporary name, fsync'ed and renamed (ftcli/atomic.py), so a kill while it
-is written leaves at most a temporary folder that the next `--resume` removes.
+is written leaves at most a temporary folder that the next `--resume` removes. Tensors and optimiser state are
+whole (gathered from every rank under FSDP: ftcli/parallel.py), so a checkpoint reads the same whatever wrote it;
+only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import hashlib
 import json
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,22 +58,32 @@ def list_steps(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def save(run_dir: Path, step: int, named_params, optimizer, scheduler, state: dict, keep: int,
-         extra: dict | None = None) -> Path:
-    """Write checkpoint `step` (the manifest last), then remove all but the newest `keep`. `extra`: tensors of
-    what else watched the run (the SI path integral so far), in `extra.safetensors`."""
-    target = path(run_dir, step)
-    tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in named_params}
-    rng = {"torch": torch.get_rng_state()}
+def rng_state() -> dict:
+    """This process's random generators: torch, CUDA, Python."""
+    rng = {"torch": torch.get_rng_state(), "python": _py_rng_to_json(random.getstate())}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = dict(state, step=step, python_rng=_py_rng_to_json(random.getstate()))
+    return rng
+
+
+def save(run_dir: Path, step: int, tensors: dict, optimizer_state: dict, scheduler_state: dict, state: dict,
+         keep: int, ranks: list[dict] | None = None, extra: dict | None = None) -> Path:
+    """Write checkpoint `step` (the manifest last): whole `tensors` by name, the optimiser and schedule states, this
+    process's RNG (and `ranks`: every rank's `rng_state()`, on several processes), `state`, and `extra`: tensors of
+    what else watched the run (the SI path integral so far); then remove all but the newest `keep`."""
+    target = path(run_dir, step)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    own = rng_state()
+    rng = {"torch": own["torch"], **({"cuda": own["cuda"]} if "cuda" in own else {})}
+    if ranks:
+        rng["ranks"] = ranks
+    state = dict(state, step=step, python_rng=own["python"])
     with atomic.folder(target) as tmp:
         writers = {TRAINABLE: lambda f: save_file(tensors, str(f)),
                    EXTRA: lambda f: save_file({k: v.detach().to("cpu").contiguous() for k, v in extra.items()},
                                               str(f)),
-                   "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
-                   "scheduler.pt": lambda f: torch.save(scheduler.state_dict(), f),
+                   "optimizer.pt": lambda f: torch.save(optimizer_state, f),
+                   "scheduler.pt": lambda f: torch.save(scheduler_state, f),
                    "rng.pt": lambda f: torch.save(rng, f),
                    "state.json": lambda f: f.write_text(json.dumps(state, indent=1, default=str)),
                    MANIFEST: lambda f: write_manifest(tmp, step, tensors)}  # last: it lists the others
@@ -147,9 +160,34 @@ def newest_verified(run_dir: Path, log=print) -> int | None:
     return None
 
 
-def load(run_dir: Path, step: int, named_params, optimizer, scheduler) -> dict:
-    """Restore checkpoint `step` (verified by `newest_verified`) into the given objects; returns its state dict.
-    Trained tensors that differ in name or shape from this run's are a UserError naming one of them."""
+@dataclass
+class Saved:
+    """A checkpoint, read back."""
+
+    path: Path
+    tensors: dict
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    state: dict
+
+    def restore_rng(self, rank: int = 0) -> None:
+        """Set this process's generators as rank `rank`'s were."""
+        mine = self.rng["ranks"][rank] if "ranks" in self.rng else {**self.rng, "python": self.state["python_rng"]}
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
+        random.setstate(_py_rng_from_json(mine["python"]))
+
+
+def state_of(run_dir: Path, step: int) -> dict:
+    """state.json of checkpoint `step`."""
+    return json.loads((path(run_dir, step) / "state.json").read_text())
+
+
+def load(run_dir: Path, step: int, named_params) -> Saved:
+    """Read checkpoint `step` (verified by `newest_verified`). Trained tensors that differ in name or shape from
+    `named_params` (this run's; whole shapes, sharded or not) are a UserError naming one of them."""
     src = path(run_dir, step)
     tensors = load_file(str(src / TRAINABLE))
     params = dict(named_params)
@@ -161,18 +199,9 @@ def load(run_dir: Path, step: int, named_params, optimizer, scheduler) -> dict:
                 f"has {wrong[0]} in shape {tuple(tensors[wrong[0]].shape)}, this run's is "
                 f"{tuple(params[wrong[0]].shape)}")
         raise UserError(f"checkpoint {src} {what}: it belongs to a different model or strategy")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(src / "scheduler.pt", weights_only=True))
-    rng = torch.load(src / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((src / "state.json").read_text())
-    random.setstate(_py_rng_from_json(state["python_rng"]))
-    return state
+    return Saved(src, tensors, torch.load(src / "optimizer.pt", weights_only=True),
+                 torch.load(src / "scheduler.pt", weights_only=True), torch.load(src / "rng.pt", weights_only=True),
+                 state_of(run_dir, step))
 
 
 def load_extra(run_dir: Path, step: int) -> dict:

@@ -42,18 +42,25 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run folder from its last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="allow .bin/.pt weights (they can run code)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine: runs the command under torchrun "
+                              "(gloo on CPUs, NCCL on GPUs); training.batch_size is per process"),
 ):
     """Train a recipe: validate, build, train, validate on held-out rows, write the run folder."""
+    from ftcli import distributed
     from ftcli import recipe as recipe_mod
     from ftcli import train as train_mod
     from ftcli.runtime import tune_allocator
 
-    r = recipe_mod.load(recipe, set_)
+    r = recipe_mod.load(recipe, set_)  # a bad recipe is said once, before any process starts
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(distributed.relaunch(nproc, distributed.strip_nproc(sys.argv[1:])))
     tune_allocator()  # a process-wide malloc setting: the command's to make, not the library's
     console = _console()
     run_dir = train_mod.run(r, output=output or recipe_mod.default_output(r), resume=resume, overwrite=overwrite,
                             allow_pickle=allow_pickle, console=console)
-    _print_run_summary(console, run_dir)
+    if distributed.world().main:
+        _print_run_summary(console, run_dir)
+    distributed.close()
 
 
 @app.command()
@@ -61,6 +68,8 @@ def check(
     recipe: Path = typer.Argument(..., help="the recipe YAML file"),
     set_: List[str] = typer.Option([], "--set", help="override a recipe key: dotted.key=value (repeatable)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="plan for this many processes (train --nproc N): the global "
+                              "batch, the steps and, with training.distributed fsdp, the memory per process"),
 ):
     """Validate and resolve a recipe without training: data statistics, a decoded example, parameter counts."""
     from ftcli import plan
@@ -68,7 +77,7 @@ def check(
 
     r = recipe_mod.load(recipe, set_)
     console = _console()
-    p = plan.describe(r, allow_pickle=allow_pickle, log=console.print)
+    p = plan.describe(r, allow_pickle=allow_pickle, log=console.print, processes=nproc)
     _print_plan(console, r, p)
 
 
@@ -90,7 +99,11 @@ def _print_plan(console, r, p) -> None:
     console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
                   f" · strategy {r.strategy.name} · objective {r.objective.name} · {p.steps} optimiser steps")
     console.print(f"precision: {r.training.precision} ({r.precision_why})")
-    mem = Table(title="training memory, estimated (MB)", title_justify="left")
+    t = r.training
+    console.print(f"global batch: {r.global_batch(p.processes)} rows per step = batch_size {t.batch_size} × grad_accum "
+                  f"{t.grad_accum} × {p.processes} process{'es' if p.processes > 1 else ''}"
+                  + (f" ({t.distributed})" if p.processes > 1 else ""))
+    mem = Table(title="training memory per process, estimated (MB)", title_justify="left")
     mem.add_column("part")
     mem.add_column("MB", justify="right")
     for part, mb in p.memory.items():
@@ -333,16 +346,22 @@ def main() -> None:
     from ftcli.errors import FtcliError
     from ftcli.logs import quiet
 
+    from ftcli import distributed
+
     quiet()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FtcliError as e:
         if _state["debug"]:
             raise
         from rich.markup import escape
 
-        # soft_wrap: a path or key in the message is never broken across lines
-        _console_err().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
+        # several processes fail together: the first to fail says why, once
+        if distributed.first_failure():
+            # soft_wrap: a path or key in the message is never broken across lines
+            _console_err().print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -353,6 +372,10 @@ def main() -> None:
             raise
         e.show()
         sys.exit(2)
+    except Exception:
+        if distributed.launched() and not _state["debug"] and not distributed.first_failure():
+            sys.exit(1)  # another process failed first (and said why); this one lost its peers
+        raise
 
 
 def _console_err():

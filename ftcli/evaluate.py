@@ -10,6 +10,9 @@
 - accuracy / choice: no free generation. Each candidate answer (a label, or a multiple-choice option) is scored as
   the assistant's reply, end-of-turn token included, by its summed log-likelihood given the prompt; the highest
   wins. `accuracy` on classification rows and `choice` on multiple-choice rows are the same computation.
+
+On several processes (training under torchrun) each rank scores its share of the rows and the results are
+gathered (ftcli/distributed.py): the numbers are those of one process; in one process nothing changes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ftcli import distributed
 from ftcli.data.batching import eval_batches
 from ftcli.loss import causal_lm, hidden_states, nll_sum
 
@@ -57,11 +61,13 @@ def loss_metrics(model, encoded, *, batch_size: int, pad_id: int, packing: bool,
     device = model_device(model)
     total, n = 0.0, 0
     with eval_mode(model):
-        for batch in eval_batches(encoded, batch_size, pad_id, packing, pack_len):
+        for batch in eval_batches(distributed.shard(encoded), batch_size, pad_id, packing, pack_len):
             batch = to_device(batch, device)
             with autocast():
                 total += float(nll_sum(model, batch))
             n += batch.n_trained
+    total, n = distributed.all_sum([total, n])
+    n = int(n)
     loss = total / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "trained_tokens": n}
 
@@ -159,8 +165,9 @@ def generation_metrics(model, tokenizer, encoder, examples, metrics: list[str], 
         return {}
     rows = examples[:limit] if limit else examples
     t0 = time.perf_counter()
-    preds = generate(model, tokenizer, [encoder.prompt_ids(ex.prompt) for ex in rows], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, stop_ids=stop_token_ids(tokenizer, encoder), autocast=autocast)
+    prompts = distributed.shard([encoder.prompt_ids(ex.prompt) for ex in rows])
+    preds = distributed.gather(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        stop_ids=stop_token_ids(tokenizer, encoder), autocast=autocast))
     refs = [ex.answer for ex in rows]
     out = {m: GENERATION_METRICS[m](preds, refs) for m in wanted}
     out.update({"rows": len(rows), "rows_per_s": len(rows) / max(time.perf_counter() - t0, 1e-9)})
@@ -246,7 +253,8 @@ def _tree(encoded: list) -> tuple[list[int], list[int], torch.Tensor, list[tuple
 def choice_accuracy(model, encoder, examples, *, batch_size: int = 16, autocast=nullcontext) -> dict:
     """The fraction of examples whose gold choice has the highest log-likelihood (ties go to the first)."""
     t0 = time.perf_counter()
-    scores = choice_scores(model, encoder, examples, batch_size=batch_size, autocast=autocast)
+    scores = distributed.gather(choice_scores(model, encoder, distributed.shard(examples), batch_size=batch_size,
+                                              autocast=autocast))
     hits = sum(max(range(len(s)), key=s.__getitem__) == ex.gold for s, ex in zip(scores, examples))
     return {"accuracy": hits / max(len(examples), 1), "rows": len(examples),
             "rows_per_s": len(examples) / max(time.perf_counter() - t0, 1e-9)}

@@ -315,9 +315,10 @@ class _hub_errors:
 # saving and reading back runs
 
 
-def save_model_folder(model, folder: Path, tokenizer=None) -> None:
-    """A standard transformers folder in safetensors (the config without any training-only settings)."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+def save_model_folder(model, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    """A standard transformers folder in safetensors (the config without any training-only settings);
+    `state_dict`: the weights to write instead of the model's own (gathered from sharded processes)."""
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
 

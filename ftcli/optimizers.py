@@ -65,36 +65,42 @@ def make(recipe, named_params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=1e-8, fused=fused or None)
 
 
-def updates(optimizer, prepared, accelerator, params, max_grad_norm: float | None) -> "Updates":
-    """How the Trainer turns a step's backward passes into an update with `optimizer` (`prepared`: the same
-    optimiser as accelerate wrapped it)."""
+def updates(optimizer, params, max_grad_norm: float | None, processes: int = 1) -> "Updates":
+    """How the Trainer turns a step's backward passes into an update with `optimizer`."""
     if isinstance(optimizer, Lomo):
-        if accelerator.num_processes > 1:
+        if processes > 1:
             from ftcli.errors import UserError
 
             raise UserError("training.optimizer lomo runs in one process: its update is applied inside backward, "
                             "before a data-parallel all-reduce of the gradient could happen. Use adamw_8bit or "
                             "adafactor for a low-memory multi-process run.")
-        return InBackward(optimizer, prepared, accelerator)
-    return Updates(prepared, accelerator, params, max_grad_norm)
+        return InBackward(optimizer)
+    return Updates(optimizer, params, max_grad_norm)
+
+
+def _backward(loss, **kwargs) -> None:
+    loss.backward(**kwargs)
 
 
 class Updates:
-    """Gradients accumulate over the step's backward passes; then clip, step, zero. A non-finite gradient norm is
-    not applied (returned as it is, so the loop stops with the last good weights)."""
+    """Gradients accumulate over the step's backward passes (DDP or FSDP2 synchronise them in the last); then clip,
+    step, zero. A non-finite gradient norm is not applied (returned as it is, so the loop stops with the last good
+    weights)."""
 
     one_backward = False  # True: the whole step must be one backward pass (the update happens inside it)
 
-    def __init__(self, optimizer, accelerator, params, max_grad_norm):
-        self.optimizer, self.accelerator, self.params, self.max_grad_norm = optimizer, accelerator, params, max_grad_norm
+    def __init__(self, optimizer, params, max_grad_norm):
+        self.optimizer, self.params, self.max_grad_norm = optimizer, params, max_grad_norm
 
     def backward(self, loss) -> None:
-        self.accelerator.backward(loss)
+        _backward(loss)
 
     def apply(self) -> float | None:
         norm = None
         if self.max_grad_norm:
-            norm = float(self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm))
+            total = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            # under FSDP2 the norm is a DTensor reduced across ranks: its whole value is the same on every rank
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
             if not math.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 return norm
@@ -112,11 +118,11 @@ class InBackward(Updates):
 
     one_backward = True
 
-    def __init__(self, lomo: "Lomo", prepared, accelerator):
-        self.lomo, self.optimizer, self.accelerator = lomo, prepared, accelerator
+    def __init__(self, lomo: "Lomo"):
+        self.lomo = self.optimizer = lomo
 
     def backward(self, loss) -> None:
-        self.lomo.fused_backward(loss, self.accelerator.backward)
+        self.lomo.fused_backward(loss, _backward)
 
     def apply(self) -> float | None:
         self.optimizer.step()  # nothing to do; the schedule counts it

@@ -19,8 +19,9 @@ class Plan:
     steps: int
     example: list[tuple[str, list[tuple[str, bool]]]]  # (title, decoded (text, trained) segments) per sequence
     notes: list[str] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
+    memory: dict[str, float] = field(default_factory=dict)  # MB per part and process, an estimate
     output: str = ""  # the run folder train would write, absolute
+    processes: int = 1
 
 
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
@@ -29,12 +30,14 @@ ACTIVATION_BYTES = 104
 
 
 def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list,
-                    objective=None) -> dict[str, float]:
+                    objective=None, processes: int = 1) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients and optimiser state (of
     `training.optimizer`), activations (of one forward/backward pass: batch × max_len positions, every row full, at
     most `training.pass_tokens`: an upper bound), and what the strategy and the objective keep besides (EWC's Fisher
     and anchor, a DPO reference copy, a teacher). `shapes`: of the tensors the optimiser owns (hft: every parameter
-    that trains in some round)."""
+    that trains in some round). Per process: on `processes` processes with training.distributed fsdp, weights,
+    gradients and optimiser state are split across them (plus one decoder block gathered whole at a time, not
+    counted)."""
     import math
 
     import torch
@@ -53,16 +56,17 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
-    out = {"weights": parts.pop("weights"), **optimizers.memory(recipe.training.optimizer, trainable, shapes),
-           "activations (upper bound)": activations, **parts}
+    shards = processes if processes > 1 and recipe.training.distributed == "fsdp" else 1
+    optimizer = {k: v / shards for k, v in optimizers.memory(recipe.training.optimizer, trainable, shapes).items()}
+    out = {"weights": parts.pop("weights") / shards, **optimizer, "activations (upper bound)": activations, **parts}
     if recipe.training.record_si:
-        out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16
+        out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16 / shards
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
 
 
-def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
+def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:
     from ftcli import data as data_mod
     from ftcli import models, objectives, scoring, strategies, trackers
     from ftcli.train import refuse_watchers
@@ -70,7 +74,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli.strategies import Context
 
     strategy = strategies.get(recipe.strategy)
-    strategies.refuse_unsupported(strategy)
+    strategies.refuse_unsupported(strategy, recipe)
     refuse_watchers(recipe, strategy)
     trackers.check(recipe)
     objective = objectives.get(recipe.objective)
@@ -82,7 +86,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
                               meta=True, log=log)
     ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
-                  strategy=strategy)
+                  strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)
     trainable, total = count_parameters(model)
     splits = {"train": bundle.train.stats.as_dict()}
@@ -104,15 +108,16 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     output = output_note(recipe)
     if output:
         notes.append(output)
-    steps, _ = recipe.total_steps(len(bundle.train))
+    steps, _ = recipe.total_steps(len(bundle.train), processes)
     shapes = [q.shape for _, q in strategy.train_params(model)]
-    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective)
+    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective, processes)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]
     from ftcli.recipe import default_output
 
-    return Plan(splits, trainable, total, steps, example, notes, memory, str(default_output(recipe).resolve()))
+    return Plan(splits, trainable, total, steps, example, notes, memory, str(default_output(recipe).resolve()),
+                processes)
 
 
 def output_note(recipe) -> str | None:

@@ -110,7 +110,7 @@ class Data(_Section):
 class Training(_Section):
     max_steps: int | None = Field(None, ge=1, description="optimiser steps; overrides epochs")
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     lr: float = Field(2e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -130,6 +130,9 @@ class Training(_Section):
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="on several processes (--nproc, torchrun): ddp (each holds the model) or fsdp (FSDP2: "
+        "weights, gradients and optimiser state sharded per decoder block); ignored in one process")
     optimizer: OptimizerName = Field(
         "adamw", description="adamw | adafactor (factored, almost no state; lr is relative) | adamw_8bit "
         "(bitsandbytes, 8-bit moments) | lomo (SGD fused into backward: no state, no stored gradients; "
@@ -221,10 +224,14 @@ class Recipe(_Section):
             return self.training.batch_size * self.data.max_len
         return max(self.training.pass_tokens or PASS_TOKENS, self.data.max_len)
 
-    def total_steps(self, n_train: int) -> tuple[int, int]:
-        """(optimiser steps in the run, steps per epoch) for `n_train` training rows."""
+    def global_batch(self, processes: int = 1) -> int:
+        """Examples per optimiser step: batch_size × grad_accum × processes."""
+        return self.training.batch_size * self.training.grad_accum * processes
+
+    def total_steps(self, n_train: int, processes: int = 1) -> tuple[int, int]:
+        """(optimiser steps in the run, steps per epoch) for `n_train` training rows on `processes` processes."""
         t = self.training
-        per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accum))
+        per_epoch = math.ceil(n_train / self.global_batch(processes))
         steps = t.max_steps if t.max_steps else max(1, math.floor(per_epoch * t.epochs))
         return steps, per_epoch
 

@@ -157,7 +157,9 @@ def render_markdown(s: dict) -> str:
         f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` · "
         f"objective `{run.get('objective', 'sft')}` on "
         f"`{run['base_model']}` · precision {run.get('precision', 'fp32')} · wall time {run['wall_s']:.0f} s"
-        + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else ""),
+        + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else "")
+        + (f" · {run['processes']} processes ({run['distributed']}), global batch {run['global_batch']}"
+           if (run.get("processes") or 1) > 1 else ""),
         "",
     ]
     if s.get("message"):
@@ -188,6 +190,8 @@ def render_markdown(s: dict) -> str:
         f"| padding (of computed positions) | {thr.get('padding_fraction', 0) * 100:.1f}% |",
         f"| peak RSS | {_fmt(thr.get('peak_rss_mb'))} MB |",
     ]
+    if len(thr.get("peak_rss_mb_per_process") or []) > 1:
+        out.append(f"| peak RSS per process | {' / '.join(_fmt(m) for m in thr['peak_rss_mb_per_process'])} MB |")
     if thr.get("peak_gpu_mb"):
         out.append(f"| peak GPU memory | {_fmt(thr['peak_gpu_mb'])} MB |")
     out += [

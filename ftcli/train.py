@@ -16,6 +16,14 @@ run before the bad update is applied; Ctrl-C or SIGTERM finishes the step, write
 the command that resumes; --resume continues from the newest checkpoint that verifies (ftcli/checkpoint.py). A
 write that fails (disk full, size limit, permission) ends the run naming the file, the last checkpoint intact.
 Every record of metrics.jsonl also goes to the trackers of `report_to`.
+
+On several processes (`ftcli train --nproc N`, torchrun; ftcli/distributed.py) the same loop runs on every rank.
+Each epoch is planned for the global batch and dealt out across the ranks (data/batching.py); the step's count is
+summed over micro-batches and ranks before any backward, so N processes compute the gradient one process would with
+the same global batch; DDP or FSDP2 synchronise it (ftcli/parallel.py). Every rank runs as many passes per step as
+the busiest (the extra ones count zero), so FSDP's per-pass collectives line up. Only rank 0 writes the run folder
+(recipe, metrics, checkpoints, artifact, report) and prints; validation and retention sets are sharded across the
+ranks and gathered; an interrupt on any rank stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ from typing import Callable
 
 import torch
 
-from ftcli import atomic, checkpoint, optimizers, report, scoring, trackers
+from ftcli import atomic, checkpoint, distributed, optimizers, parallel, report, scoring, trackers
 from ftcli.data import DataBundle
-from ftcli.data.batching import plan_epoch
+from ftcli.data.batching import plan_epoch, shard_step
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
 from ftcli.errors import RunError, UserError
 from ftcli.evaluate import choice_accuracy, generation_metrics, to_device
@@ -44,6 +52,25 @@ from ftcli.runtime import autocast as autocast_for
 from ftcli.runtime import peak_rss_mb
 from ftcli.strategies import Context, Strategy
 from ftcli.vocab import CANDIDATES
+
+
+class _NoLog:
+    """metrics.jsonl on ranks other than 0: only rank 0 writes the run folder."""
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
 
 
 @dataclass
@@ -67,6 +94,7 @@ class TrainState:
     positions: int = 0  # computed positions, padding included
     train_seconds: float = 0.0
     resumed_from: int | None = None
+    processes: int = 1  # the run's plan is laid out for this many processes: a resume needs as many
     strategy: dict = field(default_factory=dict)  # Strategy.state_dict()
     objective: dict = field(default_factory=dict)
 
@@ -93,14 +121,14 @@ class Setup:
     retention: list = field(default_factory=list)  # scoring.EvalSet per eval.retention entry, rows loaded
 
 
-def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, log=print) -> Setup:
+def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, log=print, processes: int = 1) -> Setup:
     """Load the base, the data and the strategy, in the order DESIGN.md draws. Every file is read (and every
     retention set checked) before the model is loaded."""
     from ftcli import data as data_mod
     from ftcli import models, objectives, strategies
 
     strategy = strategies.get(recipe.strategy)
-    strategies.refuse_unsupported(strategy)  # before any weight is loaded
+    strategies.refuse_unsupported(strategy, recipe)  # before any weight is loaded
     refuse_watchers(recipe, strategy)
     trackers.check(recipe)
     objective = objectives.get(recipe.objective)
@@ -112,7 +140,7 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                               allow_pickle=allow_pickle, log=log, **strategy.base_loading())
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
-                  strategy=strategy)
+                  strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)
     if recipe.training.gradient_checkpointing:
         lm = causal_lm(model)
@@ -136,6 +164,11 @@ def refuse_watchers(recipe, strategy) -> None:
         raise UserError(f"training.keep_zeros: strategy {strategy.name} trains an adapter, whose ΔW is dense and "
                         "would fill the zeros when folded; use a strategy that trains the weights themselves "
                         "(full, frozen, hft, or ewc/si around them)")
+    t = recipe.training
+    if t.distributed == "fsdp" and (t.keep_zeros or t.record_si):
+        key = "training.keep_zeros" if t.keep_zeros else "training.record_si"
+        raise UserError(f"{key} reads and writes whole weights after every update, which FSDP splits across "
+                        "processes; use training.distributed: ddp")
 
 
 def watchers(recipe, strategy, named) -> list:
@@ -190,7 +223,8 @@ def resume_command(recipe, folder: Path) -> str:
         parts += ["--set", item]
     if Path(folder).resolve() != default_output(recipe).resolve():
         parts += ["--output", str(folder)]
-    return shlex.join(parts + ["--resume"])
+    processes = distributed.world().size
+    return shlex.join(parts + ["--resume"] + (["--nproc", str(processes)] if processes > 1 else []))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -199,24 +233,29 @@ def resume_command(recipe, folder: Path) -> str:
 
 def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, allow_pickle: bool = False,
         console=None, hooks: Hooks | None = None, progress: bool = True) -> Path:
-    """Train a recipe into the run folder `output`; returns the folder."""
+    """Train a recipe into the run folder `output`; returns the folder. Under torchrun every rank calls this."""
     from accelerate.utils import set_seed
 
+    world = distributed.init()
     hooks = hooks or Hooks()
-    log = console.print if console is not None else print
+    log = (console.print if console is not None else print) if world.main else _silent
     folder, start = open_run_folder(recipe, output, resume=resume, overwrite=overwrite, log=log)
-    set_seed(recipe.training.seed)
+    set_seed(recipe.training.seed)  # the same on every rank: the same initial weights (LoRA A included)
     started = time.time()
     with _Interrupt() as interrupt:  # from here: a signal during loading or the first validation is kept for the loop
         try:
-            setup = build(recipe, run_dir=folder.path, allow_pickle=allow_pickle, log=log)
+            setup = build(recipe, run_dir=folder.path if world.main else None, allow_pickle=allow_pickle, log=log,
+                          processes=world.size)
+            if world.size > 1:  # each rank its own dropout draws from here on
+                set_seed(recipe.training.seed + world.rank)
             trainer = Trainer(setup, folder)
-            evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log)
+            evaluator = Evaluator(setup, trainer.model, trainer.autocast, trainer.metrics_log,
+                                  trainer.parallel.gathered)
             if start is not None:
                 state = trainer.restore(start)
                 log(f"resuming {folder.path} from step {state.step}")
             else:
-                state = TrainState(before=evaluator.validate(0, generation=True))
+                state = TrainState(before=evaluator.validate(0, generation=True), processes=world.size)
                 if evaluator.retention:
                     log(f"scoring {len(evaluator.retention)} retention set(s) on the base model")
                     state.retention_before = evaluator.score_retention()
@@ -224,8 +263,12 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
             folder.abandon()  # bad input found while building: no run folder left behind (a replaced one put back)
             raise
         folder.keep()
+        if world.size > 1:
+            log(f"{world.size} processes ({recipe.training.distributed}): global batch "
+                f"{recipe.global_batch(world.size)} = batch_size {recipe.training.batch_size} × grad_accum "
+                f"{recipe.training.grad_accum} × {world.size}" + trainer.short_step_note())
         try:
-            bar = _progress(console, progress)
+            bar = _progress(console, progress) if world.main else None
             # a live bar on a terminal; in a log file (not a terminal) a plain line every 5% of the run instead
             status, message = trainer.train(state, evaluator, hooks, bar, log if progress and bar is None else None,
                                             interrupt)
@@ -234,44 +277,75 @@ def run(recipe, *, output: Path, resume: bool = False, overwrite: bool = False, 
             raise RunError(trainer.write_failed(e)) from None
 
 
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
 def open_run_folder(recipe, output: Path, *, resume: bool, overwrite: bool, log=print) -> tuple[RunFolder, int | None]:
-    """The run folder, created (or checked for --resume: the same recipe), with the resolved recipe written into
-    it; and the checkpoint step to resume from: the newest that verifies (damaged newer ones are named and
-    removed), or None to start from step 0 (a new run, or one stopped before its first checkpoint)."""
-    folder = RunFolder.create(output, resume=resume, overwrite=overwrite)
-    start = None
-    if resume:
-        note = folder.resume_check(recipe)
-        if note:
-            log(f"note: {note}")
-        for leftover in checkpoint.remove_leftovers(folder.path):
-            log(f"removed {leftover.name}, left half-written by the interrupted run")
-        start = checkpoint.newest_verified(folder.path, log=log)
-        for step in folder.checkpoints:
-            if start is None or step > start:
-                shutil.rmtree(checkpoint.path(folder.path, step))  # named as skipped above
-        if start is None:
-            log(f"note: {folder.path} holds no usable checkpoint (the run stopped before its first): "
-                "starting again from step 0")
-            report.MetricsLog(folder.path).truncate_after(-1)
-    folder.write_recipe(recipe)
+    """The run folder, created (or checked for --resume: the same recipe, the same number of processes), with the
+    resolved recipe written into it; and the checkpoint step to resume from: the newest that verifies (damaged
+    newer ones are named and removed), or None to start from step 0 (a new run, or one stopped before its first
+    checkpoint). On several processes rank 0 does this and the others learn its outcome."""
+    problem, start, world = None, None, distributed.world()
+    folder = RunFolder(output)
+    if world.main:
+        try:
+            folder = RunFolder.create(output, resume=resume, overwrite=overwrite)
+            if resume:
+                start = _resume_point(recipe, folder, world.size, log)
+            folder.write_recipe(recipe)
+        except UserError as e:
+            problem = str(e)
+    problem, start = distributed.broadcast((problem, start))
+    if problem:
+        raise UserError(problem)
     return folder, start
+
+
+def _resume_point(recipe, folder: RunFolder, processes: int, log) -> int | None:
+    """--resume: the recipe checked against the run's, leftovers of a kill removed, the newest checkpoint that
+    verifies (newer damaged ones removed), trained on as many processes as now."""
+    note = folder.resume_check(recipe)
+    for leftover in checkpoint.remove_leftovers(folder.path):
+        log(f"removed {leftover.name}, left half-written by the interrupted run")
+    start = checkpoint.newest_verified(folder.path, log=log)
+    if start is not None:
+        before = checkpoint.state_of(folder.path, start).get("processes", 1)
+        if before != processes:  # the plan deals each step's rows out to that many
+            raise UserError(f"--resume: {folder.path} was trained on {before} process(es), each step a global batch "
+                            f"of {recipe.global_batch(before)} rows; resume it on as many (--nproc {before})")
+    if note:
+        log(f"note: {note}")
+    for step in folder.checkpoints:
+        if start is None or step > start:
+            shutil.rmtree(checkpoint.path(folder.path, step))  # named as skipped above
+    if start is None:
+        log(f"note: {folder.path} holds no usable checkpoint (the run stopped before its first): "
+            "starting again from step 0")
+        report.MetricsLog(folder.path).truncate_after(-1)
+    return start
 
 
 class Evaluator:
     """Validation (the objective's loss and metrics, and the generation or candidate metrics of eval.metrics) and
-    the retention sets, built once for the run."""
+    the retention sets, built once for the run. On several processes each rank scores its share of the rows (the
+    metric functions shard and gather: evaluate.py) with whole parameters (`gathered`: FSDP unshards)."""
 
-    def __init__(self, setup: Setup, model, autocast, metrics_log):
+    def __init__(self, setup: Setup, model, autocast, metrics_log, gathered=nullcontext):
         self.recipe, self.objective, self.data = setup.recipe, setup.objective, setup.data
         self.tokenizer, self.model, self.autocast, self.metrics_log = setup.tokenizer, model, autocast, metrics_log
         self.retention = setup.retention
         self.pad_id = pad_id(setup.tokenizer)
+        self.gathered = gathered
 
     def validate(self, step: int, generation: bool) -> dict:
-        split = self.data.validation
-        if split is None:
+        if self.data.validation is None:
             return {}
+        with self.gathered():
+            return self._validate(step, generation)
+
+    def _validate(self, step: int, generation: bool) -> dict:
+        split = self.data.validation
         r, d = self.recipe, self.recipe.data
         out = self.objective.evaluate(self.model, split.encoded, batch_size=r.training.batch_size, pad_id=self.pad_id,
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
@@ -295,10 +369,11 @@ class Evaluator:
 
     def score_retention(self) -> list[dict]:
         r = self.recipe
-        return [scoring.score(self.model, self.tokenizer, es, template=r.data.chat_template,
-                              batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
-                              autocast=self.autocast, examples=es.examples)
-                for es in self.retention]
+        with self.gathered():
+            return [scoring.score(self.model, self.tokenizer, es, template=r.data.chat_template,
+                                  batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
+                                  autocast=self.autocast, examples=es.examples)
+                    for es in self.retention]
 
 
 @dataclass
@@ -324,48 +399,70 @@ class Trainer:
     """The model, optimiser and schedule of one run, and the step."""
 
     def __init__(self, setup: Setup, folder: RunFolder):
-        from accelerate import Accelerator
-
         self.setup, self.folder, self.recipe = setup, folder, setup.recipe
         self.strategy, self.objective = setup.strategy, setup.objective
         t = self.recipe.training
-        # bf16 is torch's autocast, entered here (not accelerate's mixed_precision, a process-wide setting that a
-        # second run in the same process could not change)
-        self.accelerator = Accelerator()
-        self.named = self.strategy.train_params(setup.model)
+        self.world = distributed.world()
+        self.device = distributed.device()
+        self.model = setup.model.to(self.device)
+        self.pad_id = pad_id(setup.tokenizer)
+        # bf16 is torch's autocast, entered here (not a process-wide mixed-precision setting that a second run in
+        # the same process could not change)
+        self.autocast = autocast_for(t.precision, self.device.type)
+        first = to_device(self.objective.collate([setup.data.train.encoded[0]], self.pad_id, self.recipe.data.packing,
+                                                 self.recipe.data.max_len), self.device)
+        self.parallel = parallel.wrap(self.model, self.objective, self.strategy, t.distributed, first, self.autocast)
+        self.filler = first  # what a rank with fewer passes than the step's busiest runs, counting zero
+        self.named = self.strategy.train_params(self.model)  # after wrapping: FSDP replaces the parameters
         if not self.named:
             raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
         optimizer = optimizers.make(self.recipe, self.named)
-        self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train))
-        scheduler = make_scheduler(self.recipe, optimizer, self.steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(setup.model, optimizer, scheduler)
-        self.updates = optimizers.updates(optimizer, self.optimizer, self.accelerator, [p for _, p in self.named],
-                                          t.max_grad_norm)
+        self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train), self.world.size)
+        self.scheduler = make_scheduler(self.recipe, optimizer, self.steps)
+        self.optimizer = optimizer
+        self.updates = optimizers.updates(optimizer, [p for _, p in self.named], t.max_grad_norm,
+                                          self.world.size)
         # what watches every update (taken from the freshly loaded weights, so a resumed run sees the same start)
         self.watchers = watchers(self.recipe, self.strategy, self.named)
         if t.compile:
             causal_lm(self.model).get_decoder().compile(dynamic=True)
-        self.device = self.accelerator.device
-        self.autocast = autocast_for(t.precision, self.device.type)
-        self.pad_id = pad_id(setup.tokenizer)
-        self.metrics_log = report.MetricsLog(folder.path, trackers.open_all(self.recipe, folder.path))
+        self.metrics_log = (report.MetricsLog(folder.path, trackers.open_all(self.recipe, folder.path))
+                            if self.world.main else _NoLog())
         self._plans: dict[int, list] = {}
         self.last_saved: int | None = None  # the step of the newest checkpoint written or resumed from
 
+    def short_step_note(self) -> str:
+        """What the epoch's last step holds when it is short (said once at the start of a run on several ranks)."""
+        n, per_step = len(self.setup.data.train), self.recipe.global_batch(self.world.size)
+        if n % per_step == 0:
+            return ""
+        return (f"; each epoch's last step holds {n % per_step} of {per_step} rows, dealt out across the ranks "
+                "(a rank without any counts zero in it)")
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> Path:
+        """Every rank takes part (FSDP gathers whole tensors); rank 0 writes."""
         state.strategy = self.strategy.state_dict()
         extra = {k: v for w in self.watchers for k, v in w.state_tensors().items()}
-        self.metrics_log.sync()  # the log up to this step reaches the disk with the checkpoint
-        out = checkpoint.save(self.folder.path, state.step, self.strategy.train_params(self.model), self.optimizer,
-                              self.scheduler, asdict(state), keep=self.recipe.training.keep_checkpoints, extra=extra)
+        with self.parallel.gathered():
+            tensors = {n: p.detach().to("cpu").clone() for n, p in self.strategy.train_params(self.model)}
+        optimizer = self.parallel.optimizer_state(self.optimizer)
+        ranks = distributed.gather_objects(checkpoint.rng_state()) if self.world.size > 1 else None
+        out = checkpoint.path(self.folder.path, state.step)
+        if self.world.main:
+            self.metrics_log.sync()  # the log up to this step reaches the disk with the checkpoint
+            out = checkpoint.save(self.folder.path, state.step, tensors, optimizer, self.scheduler.state_dict(),
+                                  asdict(state), keep=self.recipe.training.keep_checkpoints, ranks=ranks, extra=extra)
         self.last_saved = state.step
         return out
 
     def restore(self, step: int) -> TrainState:
-        saved = checkpoint.load(self.folder.path, step, self.strategy.train_params(self.model), self.optimizer,
-                                self.scheduler)
-        state = TrainState.from_checkpoint(saved)
+        saved = checkpoint.load(self.folder.path, step, self.named)
+        state = TrainState.from_checkpoint(saved.state)
+        self.parallel.load_full(self.named, saved.tensors)
+        self.parallel.load_optimizer_state(self.optimizer, saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        saved.restore_rng(self.world.rank)
         self.strategy.load_state_dict(state.strategy)
         extra = checkpoint.load_extra(self.folder.path, step)
         for w in self.watchers:
@@ -383,49 +480,68 @@ class Trainer:
 
     # -- one optimiser step --------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list:
-        """The collated micro-batches of optimiser step `step` (0-based), from the epoch's seeded plan."""
+        """This rank's collated micro-batches of optimiser step `step` (0-based): the epoch's seeded plan for the
+        global batch, dealt out across the ranks."""
         t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
         epoch, index = divmod(step, self.per_epoch)
         if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size, t.grad_accum, t.seed, epoch,
-                                             bucket=not d.packing)}
+            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size * self.world.size, t.grad_accum, t.seed,
+                                             epoch, bucket=not d.packing)}
+        mine = shard_step(self._plans[epoch][index], self.world.rank, self.world.size)
         return [to_device(self.objective.collate([train.encoded[i] for i in mb], self.pad_id, d.packing, d.max_len),
                           self.device)
-                for mb in self._plans[epoch][index]]
+                for mb in mine]
 
     def step(self, step: int) -> StepResult:
         """Compute optimiser step `step` (0-based) and apply it, unless its loss or gradient is not finite."""
         self.strategy.on_step(step + 1, self.model)
         t0 = time.perf_counter()
         batches = self.micro_batches(step)
-        count = sum(self.objective.count(b) for b in batches)
-        step_loss = torch.zeros((), device=self.device)
-        sums: dict[str, torch.Tensor] = {}
         passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
+        local = [sum(self.objective.count(b) for b in batches), sum(b.n_tokens for b in batches),
+                 sum(b.n_trained for b in batches), sum(p.n_positions for p in passes), len(passes)]
+        *sums, n_passes = distributed.all_gather_numbers(local)
+        count, tokens, trained, positions = (int(sum(v)) for v in sums)
+        n_passes = int(max(n_passes))
+        # DDP and FSDP average gradients over the ranks: scaled back, the gradient is that of the whole step's mean
+        weight = self.parallel.grad_scale / count
         # the strategy's penalty (ewc, si) depends on the weights only; an optimiser that updates inside backward
-        # (lomo) takes it in the step's one pass, any other in a backward of its own after the task's gradient
+        # (lomo: one process, one pass) takes it in the step's one pass, any other in a backward of its own after
+        # the task's gradient is synchronised (the same on every rank)
         extra = self.strategy.extra_loss(self.model, batches)
+        penalty = None if extra is None else float(extra.detach())
         joined = extra is not None and self.updates.one_backward
-        result = StepResult(0.0, {}, None if extra is None else float(extra.detach()), count,
-                            sum(b.n_tokens for b in batches), sum(b.n_trained for b in batches),
-                            sum(p.n_positions for p in passes), 0.0)
-        for i, part in enumerate(passes):
-            with self.autocast():
-                loss_sum, metrics = self.objective.loss_sum(self.model, part)
-                loss = loss_sum / count
-            step_loss += loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.detach() / count
-            if not (torch.isfinite(loss) and result.finite):  # stop before anything of this step is applied
-                result.loss = float(step_loss)
-                self.updates.discard()
-                return result
-            self.updates.backward(loss + extra if joined and i == len(passes) - 1 else loss)
-        result.loss, result.metrics = float(step_loss), {k: float(v) for k, v in sums.items()}
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        metric_sums: dict[str, torch.Tensor] = {}
+        for i in range(n_passes):
+            real = i < len(passes)
+            part = passes[i] if real else (passes[-1] if passes else self.filler)
+            last = i == n_passes - 1
+            with self.parallel.accumulating(last=last):
+                with self.autocast():
+                    loss_sum, metrics = self.parallel.module(part)
+                    loss = loss_sum * (weight if real else 0.0)
+                if self.world.size == 1:  # stop before anything of this step is applied (lomo applies in backward)
+                    early = StepResult(float(step_loss + loss_sum.detach().double() / count), {}, penalty, count,
+                                       tokens, trained, positions, 0.0)
+                    if not early.finite:
+                        self.updates.discard()
+                        return early
+                self.updates.backward(loss + extra if joined and last else loss)
+            for k, v in metrics.items():  # every rank names every metric, passes that count zero included
+                metric_sums[k] = metric_sums.get(k, 0) + (v.detach().double() / count if real else 0.0)
+            if real:
+                step_loss += loss_sum.detach().double() / count
+        names = sorted(metric_sums)
+        total = distributed.all_sum([float(step_loss), *(float(metric_sums.get(k, 0.0)) for k in names)])
+        result = StepResult(total[0], dict(zip(names, total[1:])), penalty, count, tokens, trained, positions, 0.0)
+        if not result.finite:  # on several ranks: every rank learns it from the summed loss
+            self.updates.discard()
+            return result
         for w in self.watchers:
             w.before_update(self.named)  # the task's gradient, before the penalty's joins it
         if extra is not None and not joined:
-            self.accelerator.backward(extra)
+            extra.backward()
         result.lr = self.scheduler.get_last_lr()[0]
         result.grad_norm = self.updates.apply()
         if result.grad_norm is not None and not math.isfinite(result.grad_norm):
@@ -485,6 +601,9 @@ class Trainer:
                     if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < steps:
                         self.save_checkpoint(state)
                         last_checkpoint = state.step
+                    # a signal reaches the ranks at different moments: they stop together
+                    if self.world.size > 1 and distributed.any_rank(bool(interrupt.requested)):
+                        interrupt.requested = interrupt.requested or "a signal to another process"
                     if interrupt.requested:
                         if last_checkpoint != state.step:
                             self.save_checkpoint(state)
@@ -515,24 +634,29 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
            hooks: Hooks, started: float) -> Path:
     """After the loop: on success the last validation, retention after, a checkpoint and the artifact; in every
     case the report. A run that did not finish raises RunError after its report is written."""
-    folder, model = trainer.folder, trainer.accelerator.unwrap_model(trainer.model)
+    folder, model, world = trainer.folder, trainer.model, trainer.world
     after, retention_after = {}, []
     if status == "finished":
         after = evaluator.validate(state.step, generation=True)
         retention_after = evaluator.score_retention()
         state.note_validation(state.step, after)
         trainer.save_checkpoint(state)
-        with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
-            setup.strategy.save(model, tmp)
-            setup.tokenizer.save_pretrained(str(tmp))
-        for w in trainer.watchers:
-            w.finish(folder.path, trainer.named)
+        whole = trainer.parallel.full_state_dict()  # FSDP: whole tensors, never a rank's slice
+        if world.main:
+            with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
+                setup.strategy.save(model, tmp, whole)
+                setup.tokenizer.save_pretrained(str(tmp))
+            for w in trainer.watchers:
+                w.finish(folder.path, trainer.named)
     trainer.metrics_log.close(status)
     for fn in hooks.at_end:
         fn(model)
-    summary = _summary(setup, trainer, state, status, message, started, after)
-    summary["retention"] = _retention_rows(evaluator.retention, state.retention_before or [], retention_after)
-    report.write_report(folder.path, summary, trainer.metrics_log.read())
+    rss = distributed.gather_objects(round(peak_rss_mb(), 1))
+    if world.main:
+        summary = _summary(setup, trainer, state, status, message, started, after)
+        summary["throughput"]["peak_rss_mb_per_process"] = rss
+        summary["retention"] = _retention_rows(evaluator.retention, state.retention_before or [], retention_after)
+        report.write_report(folder.path, summary, trainer.metrics_log.read())
     if status != "finished":
         raise RunError(f"{message} (run folder: {folder.path})")
     return folder.path
@@ -568,7 +692,10 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
                 "strategy": strategy.name, "objective": setup.objective.name, "base_model": recipe.base_model,
                 "steps": state.step, "total_steps": trainer.steps, "wall_s": time.time() - started,
                 "precision": recipe.training.precision, "precision_why": recipe.precision_why,
-                "resumed_from": state.resumed_from, "artifact": strategy.artifact if status == "finished" else None},
+                "resumed_from": state.resumed_from, "artifact": strategy.artifact if status == "finished" else None,
+                "processes": trainer.world.size,
+                "distributed": recipe.training.distributed if trainer.world.size > 1 else None,
+                "global_batch": recipe.global_batch(trainer.world.size)},
         "message": message,
         "parameters": {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)},
         "before": strip(state.before),

@@ -11,6 +11,12 @@ so no example attends to another. Pad tokens continue the positions of the row's
 that holds one example on the plain causal path.
 Without packing, examples are bucketed by length (per step window) so a micro-batch pads to little.
 
+On N processes the epoch is planned once for the global batch (`batch_size × N` per micro-batch: the plan one
+process with that batch would make) and every micro-batch is dealt out across the ranks (`shard_step`): rank r
+takes its examples r, r + N, ... Every row is used once per epoch across the ranks, and as a micro-batch's
+examples are sorted by length, each rank gets a similar share of tokens. The last step of an epoch may be short:
+its examples are dealt the same way, so a rank may get fewer, or none (it then runs a pass that counts zero).
+
 A row's unit is an example: one sequence, or for preference rows a pair (chosen, rejected) laid end to end in one
 row, so that both go through the model in the same pass and a pass split never separates them. Every position
 knows its sequence (`seq_ids`, numbered in row order; pad: -1) and the batch keeps the encoded sequences in that
@@ -107,6 +113,13 @@ def plan_epoch(lengths: list[int], batch_size: int, grad_accum: int, seed: int, 
         step = sorted(order[s : s + per_step], key=lambda i: (lengths[i], i))
         steps.append([step[m : m + batch_size] for m in range(0, len(step), batch_size)])
     return steps
+
+
+def shard_step(step: list[list[int]], rank: int, processes: int) -> list[list[int]]:
+    """Rank `rank`'s micro-batches of one step of a plan made for the global batch (see the module docstring);
+    micro-batches left empty on this rank are dropped."""
+    parts = [mb[rank::processes] for mb in step]
+    return [p for p in parts if p]
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:

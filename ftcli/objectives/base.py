@@ -80,13 +80,15 @@ class Objective:
         """The loss and metrics over `units` (validation), as means over `count`, without gradients."""
         import torch
 
+        from ftcli import distributed
         from ftcli.data.batching import eval_batches
         from ftcli.evaluate import eval_mode, model_device, to_device
 
         device = model_device(model)
-        total, n, sums = 0.0, 0, {}
-        with torch.no_grad(), eval_mode(model):
-            for batch in eval_batches(units, batch_size, pad_id, packing, pack_len, collate=self.collate):
+        total, n, sums = 0.0, 0, {k: 0.0 for k in self.metrics}
+        with torch.no_grad(), eval_mode(model):  # each rank its share of the units (several processes)
+            for batch in eval_batches(distributed.shard(units), batch_size, pad_id, packing, pack_len,
+                                      collate=self.collate):
                 batch = to_device(batch, device)
                 with autocast():
                     loss, metrics = self.loss_sum(model, batch)
@@ -94,5 +96,7 @@ class Objective:
                 n += self.count(batch)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-        n = max(n, 1)
+        total, n, *values = distributed.all_sum([total, n, *sums.values()])
+        sums = dict(zip(sums, values))
+        n = max(int(n), 1)
         return {"loss": total / n, **{k: v / n for k, v in sums.items()}, "count": n}

@@ -35,11 +35,16 @@ def get(params) -> Strategy:
     return REGISTRY[params.name][1](params)
 
 
-def refuse_unsupported(strategy: Strategy) -> None:
-    """A strategy that cannot run here is refused before any weight is loaded, saying what is needed."""
+def refuse_unsupported(strategy: Strategy, recipe=None) -> None:
+    """A strategy that cannot run here, or cannot be sharded as the recipe asks (training.distributed: fsdp), is
+    refused before any weight is loaded, saying what is needed."""
     problem = strategy.unsupported()
     if problem:
         raise UserError(f"strategy {strategy.name}: {problem}")
+    if recipe is not None and recipe.training.distributed == "fsdp":
+        problem = strategy.unshardable()
+        if problem:
+            raise UserError(f"training.distributed fsdp with strategy {strategy.name}: {problem}")
 
 
 __all__ = ["REGISTRY", "StrategyParams", "Strategy", "Context", "get", "refuse_unsupported"]

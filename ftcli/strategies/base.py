@@ -42,6 +42,7 @@ class Context:
     log: Any = print  # a function taking one string, for strategy messages (Fisher progress, HFT rounds)
     dry_run: bool = False  # `ftcli check`: a weightless (meta) model; skip work that needs real weights or data
     strategy: Any = None  # the run's strategy (objectives ask it how to get a reference model)
+    processes: int = 1  # processes sharing the run (each optimiser step takes batch × accumulation × processes rows)
 
 
 class Strategy:
@@ -50,6 +51,7 @@ class Strategy:
     name: ClassVar[str]
     artifact: ClassVar[str] = "model"  # "adapter" (PEFT layout) or "model" (transformers folder)
     adapter_off_is_base: ClassVar[bool] = False  # True: with the adapter switched off the model is the base
+    trainable_set_changes: ClassVar[bool] = False  # True: which parameters train changes during the run (hft rounds)
 
     def __init__(self, params: Params):
         self.params = params
@@ -57,6 +59,11 @@ class Strategy:
     # -- the interface ---------------------------------------------------------------------------------
     def unsupported(self) -> str | None:
         """Why this strategy cannot run on this machine (checked before any weight loads), or None."""
+        return None
+
+    def unshardable(self) -> str | None:
+        """Why FSDP cannot shard this strategy's model (training.distributed: fsdp), or None; checked before any
+        weight loads."""
         return None
 
     def base_loading(self, *, for_export: bool = False) -> dict:
@@ -82,11 +89,12 @@ class Strategy:
     def on_step(self, step: int, model: "torch.nn.Module") -> None:
         """Called before optimiser step `step` (1-based) is computed."""
 
-    def save(self, model: "torch.nn.Module", folder: Path) -> None:
-        """Write the trained artifact to `folder` (which does not exist yet)."""
+    def save(self, model: "torch.nn.Module", folder: Path, state_dict: dict | None = None) -> None:
+        """Write the trained artifact to `folder` (which does not exist yet). `state_dict`: the model's whole state
+        when its parameters are sharded across processes (FSDP), gathered from every rank; None: the model's own."""
         from ftcli.models import save_model_folder
 
-        save_model_folder(model, folder)
+        save_model_folder(model, folder, state_dict=state_dict)
 
     def describe(self, model: "torch.nn.Module") -> dict:
         """Facts for the report (HFT rounds, EWC penalty); default nothing."""

@@ -67,6 +67,7 @@ def select(blocks: int, seed: int, round_: int) -> dict[int, list[str]]:
 class Hft(Strategy):
     name = "hft"
     artifact = "model"
+    trainable_set_changes = True
 
     def __init__(self, params: HftParams):
         super().__init__(params)
@@ -83,7 +84,7 @@ class Hft(Strategy):
         self.seed = p.seed if p.seed is not None else ctx.recipe.training.seed
         self.blocks = int(model.config.num_hidden_layers)
         rows = len(ctx.train_data) if ctx.train_data is not None else 1
-        self.round_steps = p.round_steps or ctx.recipe.total_steps(rows)[1]
+        self.round_steps = p.round_steps or ctx.recipe.total_steps(rows, ctx.processes)[1]
         self.run_dir = ctx.run_dir
         for name, param in model.named_parameters():
             param.requires_grad_(p.embeddings != "freeze" or not _is_embedding(name))

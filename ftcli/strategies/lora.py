@@ -93,10 +93,11 @@ class Lora(Strategy):
             store_frozen_in_bf16(peft_model)
         return peft_model
 
-    def save(self, model, folder):
+    def save(self, model, folder, state_dict=None):
         # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
         # model up on the hub to compare vocabularies (a warning offline)
-        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False,
+                              state_dict=state_dict)
 
 
 def store_frozen_in_bf16(model) -> int:

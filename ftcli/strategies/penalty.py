@@ -30,6 +30,7 @@ class Anchored(Strategy):
         self.inner = strategies.get(params.inner)
         self.artifact = self.inner.artifact
         self.adapter_off_is_base = self.inner.adapter_off_is_base
+        self.trainable_set_changes = self.inner.trainable_set_changes
         self.terms: list = []  # (w, θ*, parameter) for full-like inners; (w, A, B, scale) for lora
         self.lora = params.inner.name == "lora"
         self.info: dict = {}
@@ -58,6 +59,10 @@ class Anchored(Strategy):
     def unsupported(self):
         return self.inner.unsupported()
 
+    def unshardable(self):
+        return ("its penalty reads whole parameters (θ − θ*), which FSDP splits across processes; use "
+                "training.distributed: ddp")
+
     def base_loading(self, *, for_export: bool = False) -> dict:
         return self.inner.base_loading(for_export=for_export)
 
@@ -70,8 +75,8 @@ class Anchored(Strategy):
     def on_step(self, step: int, model) -> None:
         self.inner.on_step(step, model)
 
-    def save(self, model, folder) -> None:
-        self.inner.save(model, folder)
+    def save(self, model, folder, state_dict=None) -> None:
+        self.inner.save(model, folder, state_dict)
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()
