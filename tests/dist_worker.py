@@ -91,7 +91,7 @@ def roundtrip(job: dict, world) -> None:
     from ftcli import train
 
     r = recipe_mod.load(job["recipe"])
-    folder = train.open_run_folder(r, Path(r.output), resume=False, overwrite=True)
+    folder, _ = train.open_run_folder(r, Path(r.output), resume=False, overwrite=True)
     setup = train.build(r, run_dir=None, log=lambda *a: None, processes=world.size)
     trainer = train.Trainer(setup, folder)
     trainer.step(0)  # optimiser state to round-trip as well
@@ -120,7 +120,7 @@ def roundtrip(job: dict, world) -> None:
             for v in trainer.optimizer.state[p].values():
                 if torch.is_tensor(v) and v.ndim:
                     (v.to_local() if isinstance(v, DTensor) else v).zero_()
-    trainer.restore()
+    trainer.restore(1)
     for name, p in trainer.named:
         local = p.to_local() if isinstance(p, DTensor) else p
         assert torch.equal(local, tag(world.rank, shapes[name])), f"rank {world.rank}: {name} not restored"
