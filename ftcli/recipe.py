@@ -138,6 +138,9 @@ class Eval(_Section):
 
 class Recipe(_Section):
     base_model: str = DEFAULT_BASE_MODEL
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm: the model's own next-token head; classification: a new head over the "
+        "last hidden state, one output per label of the data (objective classify)")
     trust_remote_code: bool = False
     strategy: StrategyParams = Field(default_factory=LoraParams)
     objective: ObjectiveSettings = Field(default_factory=SftParams)

@@ -13,6 +13,8 @@ from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
 from ftcli.strategies.hft import Hft, HftParams
 from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams
+from ftcli.strategies.peft_adapters import (Ia3, Ia3Params, Loha, LohaParams, Lokr, LokrParams, Oft, OftParams, Vera,
+                                            VeraParams)
 
 REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "full": (FullParams, Full),
@@ -22,6 +24,11 @@ REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "qlora": (QloraParams, Qlora),
     "hft": (HftParams, Hft),
     "ewc": (EwcParams, Ewc),
+    "ia3": (Ia3Params, Ia3),
+    "vera": (VeraParams, Vera),
+    "loha": (LohaParams, Loha),
+    "lokr": (LokrParams, Lokr),
+    "oft": (OftParams, Oft),
 }
 
 # The union a recipe's `strategy:` validates against, discriminated on `name`.
