@@ -61,6 +61,8 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             recipe = folder.recipe
             template, fmt, strategy = recipe.data.chat_template, recipe.data.format, recipe.strategy.name
             loading = folder.strategy.base_loading(for_export=True)  # the base as trained, products in float32
+            if folder.kind == "adapter" and folder.strategy.unfoldable():
+                raise UserError(f"cannot export {run}: {folder.strategy.unfoldable()}")
         if folder.kind == "model":
             model_dir = artifact
         else:
@@ -69,7 +71,11 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
         source = str(run)
     else:
         from ftcli.merge import adapter_paths
+        from ftcli.strategies.bottleneck import CONFIG_FILE, NOT_FOLDABLE
 
+        given = Path(adapter)
+        if ((given if given.is_dir() else given.parent) / CONFIG_FILE).is_file():
+            raise UserError(f"cannot export {adapter}: {NOT_FOLDABLE}")
         weights, config = adapter_paths(adapter)
         adapter_dir = weights.parent
         if weights.name != "adapter_model.safetensors":  # PEFT reads only the standard file name

@@ -289,16 +289,32 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
-    """(model, tokenizer): a base model with a PEFT adapter folder applied (not merged)."""
-    from peft import PeftModel
+ADAPTER_CONFIGS = ("adapter_config.json", "bottleneck_config.json")  # PEFT's; ftcli's bottleneck adapters'
 
+
+def adapter_config(folder) -> Path | None:
+    """The config file that makes `folder` an adapter folder (PEFT layout or a bottleneck adapter), or None."""
+    for name in ADAPTER_CONFIGS:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
+    """(model, tokenizer): a base model with an adapter folder applied (not merged): PEFT's layout, or a bottleneck
+    adapter (ftcli/strategies/bottleneck.py)."""
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
     model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
+    if adapter_config(adapter) == adapter / ADAPTER_CONFIGS[1]:
+        from ftcli.strategies.bottleneck import load_saved
+
+        return load_saved(model, adapter), tokenizer
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer
 
 
@@ -321,8 +337,10 @@ def fingerprint(spec: str) -> dict:
 def adapter_base(adapter: Path) -> str:
     import json
 
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
+    config = adapter_config(adapter)
+    if config is None:
+        raise UserError(f"{adapter}: not an adapter folder (no {' or '.join(ADAPTER_CONFIGS)})")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{adapter}: adapter_config.json names no base model; pass --base")
+        raise UserError(f"{config}: names no base model; pass --base")
     return base

@@ -71,12 +71,12 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
         run = RunFolder(path)
         model, tok = run.load(allow_pickle=allow_pickle, log=log)
         return Target(_merged(model), tok, run.chat_template, "run")
-    if (adapter / "adapter_config.json").is_file():
+    if models.adapter_config(adapter) is not None:
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
         return Target(_merged(model), tok, None, "adapter")
     if base:
-        raise UserError(f"--base applies to an adapter; {spec} is not one (no adapter_config.json)")
+        raise UserError(f"--base applies to an adapter; {spec} is not one (no {' or '.join(models.ADAPTER_CONFIGS)})")
     model, tok = models.load_base(spec, allow_pickle=allow_pickle, log=log)
     return Target(model, tok, None, "base")
 

@@ -47,6 +47,7 @@ STRATEGIES = {
     "loha": ({"name": "loha", "r": 4, "alpha": 8}, lambda n: False, "adapter"),
     "lokr": ({"name": "lokr", "r": 4, "alpha": 8}, lambda n: False, "adapter"),
     "oft": ({"name": "oft", "block_size": 8}, lambda n: False, "adapter"),
+    "bottleneck": ({"name": "bottleneck", "reduction_factor": 4}, lambda n: False, "adapter"),
 }
 ADAPTER_FAMILIES = [n for n, (s, _, art) in STRATEGIES.items() if art == "adapter" and s["name"] != "ewc"]
 

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ftcli.errors import UserError
 from ftcli.strategies.base import Context, Strategy
+from ftcli.strategies.bottleneck import Bottleneck, BottleneckParams
 from ftcli.strategies.ewc import Ewc, EwcParams
 from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
@@ -29,6 +30,7 @@ REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "loha": (LohaParams, Loha),
     "lokr": (LokrParams, Lokr),
     "oft": (OftParams, Oft),
+    "bottleneck": (BottleneckParams, Bottleneck),
 }
 
 # The union a recipe's `strategy:` validates against, discriminated on `name`.
