@@ -93,9 +93,13 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
     else:
         if quantized:
             log("4-bit base: folding the adapter into it de-quantised to float32, not into 4-bit weights")
-        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading)
+        from ftcli.objectives.classify import saved_labels
+
         tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = models.load_tokenizer(tok_src, allow_pickle=allow_pickle, log=log)
+        if saved_labels(adapter_dir):  # trained with a classification head: the base gets that head
+            loading = {**loading, "labels": saved_labels(adapter_dir), "pad_token_id": tokenizer.pad_token_id}
+        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading)
     template_text = _chat_template(tokenizer, template, fmt)
     if template_text:
         tokenizer.chat_template = template_text
@@ -119,9 +123,10 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         folded = peft_model.merge_and_unload()
     folded.config.use_cache = True
-    gen = folded.generation_config
-    gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-    gen.pad_token_id = tokenizer.pad_token_id
+    if folded.can_generate():  # a classifier (task: classification) predicts labels and has no generation settings
+        gen = folded.generation_config
+        gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+        gen.pad_token_id = tokenizer.pad_token_id
 
     from ftcli import atomic
 

@@ -154,32 +154,37 @@ def load_model(
     compute_dtype: str = "float32",
     double_quant: bool = True,
     meta: bool = False,
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
     log=print,
 ):
     """The causal LM in float32 on the CPU (or the accelerator accelerate picks later), eval mode off.
 
     quantization="nf4" loads the base in 4-bit NF4 through bitsandbytes (QLoRA). meta=True builds the
     architecture without weights (for `ftcli check`: parameter counts before loading anything). A run folder
-    loads as its trained model, an adapter folded into its float32 base.
+    loads as its trained model, an adapter folded into its float32 base. `labels`: the base as a sequence
+    classifier instead, a new head with one output per label (task: classification; `pad_token_id` goes into its
+    config, where transformers' classifier looks for the end of each row). A folder written as a classifier
+    (its config's architecture) loads as one.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     run = _run(spec)
     if run and not meta:
-        if quantization:
-            raise UserError(f"base_model {spec}: a run folder cannot be quantised on loading; export it first "
-                            "(ftcli export RUN --out DIR) and use DIR as the base")
+        if quantization or labels:
+            raise UserError(f"base_model {spec}: a run folder cannot be {'quantised' if quantization else 'given a new head'}"
+                            " on loading; export it first (ftcli export RUN --out DIR) and use DIR as the base")
         model = run.load_merged(allow_pickle=allow_pickle, log=log)[0]
         model.config.use_cache = False
         return model
     where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log)
+    config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
+    auto, head = _auto_class(config, labels, pad_token_id)
     if meta:
-        config = load_config(spec, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return auto.from_config(config, trust_remote_code=trust_remote_code, **head)
     kwargs: dict[str, Any] = dict(
-        trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa"
+        trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa", **head
     )
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -187,7 +192,7 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, double_quant)
         kwargs["device_map"] = {"": _quantized_device()}
     with _hub_errors(spec):
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = auto.from_pretrained(where, **kwargs)
     model.config.use_cache = False
     if quantization:
         _keep_one_4bit_layout(model)
@@ -195,6 +200,39 @@ def load_model(
 
     install(model)  # packed rows attend per example (ftcli/attention.py)
     return model
+
+
+def _auto_class(config, labels: list[str] | None, pad_token_id: int | None):
+    """(the transformers Auto class to load with, its head arguments): a causal LM, or a sequence classifier when
+    `labels` are given or the folder was saved as one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if labels:
+        pad = {"pad_token_id": pad_token_id} if pad_token_id is not None else {}
+        return AutoModelForSequenceClassification, {
+            "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}, **pad}
+    if any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        return AutoModelForSequenceClassification, {}
+    return AutoModelForCausalLM, {}
+
+
+HEAD_NAMES = ("score", "classifier")  # what transformers' sequence classifiers call their head (PEFT's list too)
+
+
+def classifier_head(model):
+    """The head of a sequence classifier (its `score` or `classifier` module), or None for a causal LM."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is not None and type(model).__name__.endswith("ForSequenceClassification"):
+            return head
+    return None
+
+
+def is_classifier(model) -> bool:
+    """Is this (possibly PEFT-wrapped) model a sequence classifier?"""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return classifier_head(inner) is not None
 
 
 def load_base(spec: str, **kwargs):
@@ -306,9 +344,14 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
-    model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
+    from ftcli.objectives.classify import saved_labels
+
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
+    labels = saved_labels(adapter)  # an adapter trained with a classification head: the base gets that head
+    if labels:
+        load_kwargs = {**load_kwargs, "labels": labels, "pad_token_id": tokenizer.pad_token_id}
+    model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
     if adapter_config(adapter) == adapter / ADAPTER_CONFIGS[1]:
         from ftcli.strategies.bottleneck import load_saved
 

@@ -96,10 +96,11 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
-    bundle = data_mod.build(recipe, tokenizer)
+    bundle = data_mod.build(recipe, tokenizer, objective)
     retention = scoring.retention_sets(recipe, load=True)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
-                              allow_pickle=allow_pickle, log=log, **strategy.base_loading())
+                              allow_pickle=allow_pickle, log=log, **strategy.base_loading(),
+                              **objective.base_loading(bundle))
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
                   strategy=strategy)
     model = strategy.prepare(model, ctx)
@@ -219,12 +220,12 @@ class Evaluator:
         out = self.objective.evaluate(self.model, split.encoded, batch_size=r.training.batch_size, pad_id=self.pad_id,
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
         wanted = r.eval.metrics
-        if generation and set(CANDIDATES) & set(wanted):
+        by_candidates = [m for m in CANDIDATES if m in wanted and m not in out]  # unless the objective scored them
+        if generation and by_candidates:
             rows = split.examples[: r.eval.limit] if r.eval.limit else split.examples
             whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
-            acc = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size,
-                                  autocast=self.autocast)["accuracy"]
-            out.update({m: acc for m in CANDIDATES if m in wanted})
+            res = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size, autocast=self.autocast)
+            out.update({m: res["macro_f1" if m == "macro_f1" else "accuracy"] for m in by_candidates})
         if generation:
             out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
                                           max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
@@ -433,6 +434,7 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
         trainer.save_checkpoint(state)
         with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
             setup.strategy.save(model, tmp)
+            setup.objective.save(tmp)
             setup.tokenizer.save_pretrained(str(tmp))
     for fn in hooks.at_end:
         fn(model)

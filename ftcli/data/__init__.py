@@ -55,8 +55,9 @@ def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str =
             for i in index]
 
 
-def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str) -> Split:
-    encoded, stats = encoder.encode_all(examples)
+def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str, encode=None) -> Split:
+    """`encode(encoder, examples)`: the objective's encoding (Objective.encode); default the encoder's masks."""
+    encoded, stats = encode(encoder, examples) if encode else encoder.encode_all(examples)
     kept = [(enc, ex) for enc, ex in zip(encoded, examples) if enc is not None]
     if not kept:
         raise UserError(
@@ -67,8 +68,9 @@ def encode_split(name: str, examples: list[Example], encoder: Encoder, source: s
     return Split(name, [k[0] for k in kept], [k[1] for k in kept], stats, source)
 
 
-def build(recipe, tokenizer) -> DataBundle:
-    """Read, format, encode and split the recipe's data."""
+def build(recipe, tokenizer, objective=None) -> DataBundle:
+    """Read, format, encode and split the recipe's data; `objective` encodes the rows its own way (a classification
+    head reads each prompt's last token instead of training an answer)."""
     d = recipe.data
     encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format)
     examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt,
@@ -90,6 +92,8 @@ def build(recipe, tokenizer) -> DataBundle:
         validation_examples = load_examples(d.validation, d.format, d.fields, system_prompt=d.system_prompt,
                                             instruction=d.instruction, labels=labels)
         val_source = d.validation
-    train = encode_split("train", examples, encoder, d.train)
-    validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None
+    encode = objective.encode if objective is not None else None
+    train = encode_split("train", examples, encoder, d.train, encode)
+    validation = (encode_split("validation", validation_examples, encoder, val_source, encode)
+                  if validation_examples else None)
     return DataBundle(train, validation, encoder)

@@ -65,7 +65,9 @@ def _adapter_class():
             self.act = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "silu": torch.nn.SiLU,
                         "tanh": torch.nn.Tanh}[non_linearity]()
             if device is None or torch.device(device).type != "meta":
-                torch.nn.init.normal_(self.down.weight, std=1e-2)  # AdapterHub's "bert" initialisation
+                # down keeps torch's Linear initialisation (Kaiming-uniform) and up starts at zero: the identity at
+                # the start, as LoRA and AdapterHub's "mam_adapter" init do. (AdapterHub's "bert" init, both at
+                # N(0, 0.02²), is only near the identity, and its tiny down-projection learns slowly.)
                 torch.nn.init.zeros_(self.down.bias)
                 torch.nn.init.zeros_(self.up.weight)
                 torch.nn.init.zeros_(self.up.bias)
