@@ -235,6 +235,47 @@ def is_classifier(model) -> bool:
     return classifier_head(inner) is not None
 
 
+def language_model_view(model, base_spec: str, *, allow_pickle: bool = False):
+    """A causal LM over a sequence classifier's decoder, shared (adapters and all, trained or not), with the base's
+    language-model head: the output embedding tied to the decoder's input embedding where the config ties them,
+    else the base's own head weight read from its files. What only a language model can do with a classifier run
+    goes through it: retention sets (did the decoder forget?), EWC's Fisher."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    clf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(clf.config)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    decoder = getattr(clf, clf.base_model_prefix)
+    setattr(lm, lm.base_model_prefix, decoder)
+    head_name = next(n for n, m in lm.named_modules() if m is lm.get_output_embeddings())
+    if getattr(config, "tie_word_embeddings", False):
+        weight = decoder.get_input_embeddings().weight
+    else:
+        weight = torch.nn.Parameter(_saved_tensor(base_spec, f"{head_name}.weight", allow_pickle).to(
+            decoder.get_input_embeddings().weight.device), requires_grad=False)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = weight
+    lm.set_output_embeddings(head)
+    lm.config.use_cache = False
+    return lm
+
+
+def _saved_tensor(spec: str, name: str, allow_pickle: bool):
+    """One tensor of a model folder's safetensors files (without loading the rest)."""
+    from safetensors import safe_open
+
+    folder = Path(resolve(spec, allow_pickle=allow_pickle))
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():
+                return st.get_tensor(name)
+    raise UserError(f"base_model {spec}: no tensor {name} in its safetensors files")
+
+
 def load_base(spec: str, **kwargs):
     """(model, tokenizer) for a base-model spec."""
     log = kwargs.get("log", print)

@@ -183,10 +183,6 @@ class Recipe(_Section):
             if other:
                 raise ValueError(f"eval.metrics: {', '.join(other)} cannot score objective {self.objective.name} "
                                  f"(task {self.task}); it is scored by {', '.join(own)}")
-            if self.eval.retention:
-                raise ValueError(f"eval.retention: retention sets are scored with the language-model head, which a "
-                                 f"{self.task} model replaces; score forgetting with ftcli eval on the base model and "
-                                 "on an LM-headed model instead")
         if "metrics" not in self.eval.model_fields_set:
             self.eval.metrics = [m for m in self.eval.metrics if not metric_problem(self.data.format, m)]
         for m in self.eval.metrics:

@@ -239,7 +239,8 @@ class Evaluator:
 
     def score_retention(self) -> list[dict]:
         r = self.recipe
-        return [scoring.score(self.model, self.tokenizer, es, template=r.data.chat_template,
+        lm = self.objective.language_model(self.model) if self.retention else None
+        return [scoring.score(lm, self.tokenizer, es, template=r.data.chat_template,
                               batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
                               autocast=self.autocast, examples=es.examples)
                 for es in self.retention]

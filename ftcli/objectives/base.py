@@ -72,6 +72,10 @@ class Objective:
     def save(self, folder) -> None:
         """Write what the objective adds to the artifact folder beside the strategy's files (classify: labels)."""
 
+    def language_model(self, model):
+        """The model as a language model, for retention sets (classify: its decoder with the base's LM head)."""
+        return model
+
     # -- shared ------------------------------------------------------------------------------------------------
     def evaluate(self, model, units: list, *, batch_size: int, pad_id: int, packing: bool, pack_len: int,
                  autocast) -> dict[str, Any]:

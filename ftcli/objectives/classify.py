@@ -16,6 +16,8 @@ for SFT: each example attends only to itself and the head reads each example's l
 The head always trains: a strategy that froze it (frozen, bottleneck) gets it switched back on; PEFT strategies
 save it beside their adapter (PEFT's SEQ_CLS task: modules_to_save). Metrics: loss, accuracy, macro-F1 of the
 predicted label (the largest logit), the same functions as for scoring by candidates (evaluate.label_metrics).
+Retention sets score the trained decoder with the base's language-model head (models.language_model_view): how
+much of its language modelling the classifier's decoder kept.
 """
 
 from __future__ import annotations
@@ -155,10 +157,16 @@ class Classify(Objective):
         return {"labels": self.labels, "pad_token_id": pad_id(data.encoder.tokenizer)}
 
     def prepare(self, model, ctx, data) -> None:
+        self.base_model = ctx.recipe.base_model
         head = list(head_module(model).parameters())
         if not any(p.requires_grad for p in head):  # the strategy froze it (frozen, bottleneck): the head trains
             for p in head:
                 p.requires_grad_(True)
+
+    def language_model(self, model):
+        from ftcli.models import language_model_view
+
+        return language_model_view(model, self.base_model)
 
     def loss_sum(self, model, batch):
         import torch.nn.functional as F

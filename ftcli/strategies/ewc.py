@@ -65,7 +65,11 @@ class Ewc(Strategy):
 
     # -- the interface -------------------------------------------------------------------------------------
     def prepare(self, model, ctx: Context):
-        fisher = None if ctx.dry_run else self._fisher(model, ctx)
+        from ftcli.models import is_classifier, language_model_view
+
+        # a classifier (task: classification): the Fisher of its decoder as the base language model it is at the start
+        lm = language_model_view(model, ctx.recipe.base_model) if is_classifier(model) and not ctx.dry_run else model
+        fisher = None if ctx.dry_run else self._fisher(lm, ctx)
         model = self.inner.prepare(model, ctx)
         if fisher is not None:
             self.terms = self._lora_terms(model, fisher) if self.lora else self._full_terms(model, fisher)
