@@ -181,8 +181,10 @@ def load_model(
     config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log)
     auto, head = _auto_class(config, labels, pad_token_id)
     if meta:
+        for key, value in head.items():  # from_config takes the head's settings on the config, not as arguments
+            setattr(config, key, value)
         with torch.device("meta"):
-            return auto.from_config(config, trust_remote_code=trust_remote_code, **head)
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
         trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa", **head
     )
