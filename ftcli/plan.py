@@ -17,7 +17,7 @@ class Plan:
     trainable: int
     total: int
     steps: int
-    example: list[tuple[str, bool]]
+    example: list[tuple[str, list[tuple[str, bool]]]]  # (title, decoded (text, trained) segments) per sequence
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
 
@@ -63,6 +63,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
+    objective.preflight(recipe, tokenizer)
     bundle = data_mod.build(recipe, tokenizer, objective)
     retention = scoring.retention_sets(recipe, load=True)  # as train reads them: a bad set fails here too
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
@@ -81,10 +82,15 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                          f"data.max_len={recipe.data.max_len} (data.overlong: {recipe.data.overlong})")
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
+    if bundle.bad_rows.count:
+        notes.append(f"data.on_bad_rows: skip — {bundle.bad_rows.count} bad rows skipped; first: "
+                     + "; ".join(bundle.bad_rows.first[:3]))
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     steps, _ = recipe.total_steps(len(bundle.train))
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
     memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
-    example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
+    unit = bundle.train.encoded[0]
+    titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
+    example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]
     return Plan(splits, trainable, total, steps, example, notes, memory)

@@ -8,10 +8,14 @@ from pydantic import Field
 
 from ftcli.objectives.base import Objective, ObjectiveParams
 from ftcli.objectives.classify import Classify, ClassifyParams
+from ftcli.objectives.distill import Distill, DistillParams
+from ftcli.objectives.dpo import Dpo, DpoParams
 from ftcli.objectives.sft import Sft, SftParams
 
 REGISTRY: dict[str, tuple[type, type[Objective]]] = {
     "sft": (SftParams, Sft),
+    "dpo": (DpoParams, Dpo),
+    "distill": (DistillParams, Distill),
     "classify": (ClassifyParams, Classify),
 }
 
