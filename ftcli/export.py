@@ -6,8 +6,9 @@ weights are always float32, never 4-bit (merging into 4-bit weights rounds ΔW a
 #31293). A qlora adapter was trained against the 4-bit base, so it is folded into that base de-quantised to
 float32 (transformers' `dequantize()`), which is the model it was trained with, not into the original weights.
 
-After writing, the folder is loaded again with AutoModelForCausalLM and its logits on a few chat prompts are
-compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing in float32). The export fails
+After writing, the folder is loaded again (a causal LM, or a classifier under task: classification) and its logits
+on a few chat prompts are compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing in
+float32). Bottleneck adapters cannot be folded (a non-linearity between their projections): refused. The export fails
 (exit 1, nothing written) when the largest absolute difference exceeds TOLERANCE · max(1, largest |logit|).
 """
 

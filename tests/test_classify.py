@@ -188,6 +188,21 @@ def test_export_writes_a_classifier_with_the_same_logits(name, runs, tmp_path):
         assert torch.allclose(model(input_ids=ids).logits, folded(input_ids=ids).logits, atol=1e-4)
 
 
+def test_check_counts_the_head_and_marks_the_position_it_reads(tiny_model_dir, tmp_path):
+    from ftcli import plan
+
+    data = write_jsonl(tmp_path / "t.jsonl", word_rows(20))
+    path = make_recipe(tmp_path, tiny_model_dir, data, task="classification", strategy={"name": "lora", "r": 4},
+                       data={"format": "classification", "fields": {"label": "label_text"}},
+                       eval={"metrics": ["accuracy"]})
+    p = plan.describe(recipe_mod.load(path), log=lambda *_: None)
+    # r·(in + out) per linear layer of a block: q, o 32→32; k, v 32→16; gate, up 32→64; down 64→32; two blocks
+    lora = 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
+    assert p.trainable == lora + 2 * 32  # the adapter and the head, nothing else
+    trained = [text for text, marked in p.example if marked]
+    assert len(trained) == 1 and p.splits["train"]["trained_tokens"] == p.splits["train"]["kept"]
+
+
 def test_language_model_view_is_the_decoder_with_the_base_head(tiny_model_dir):
     """Retention sets and EWC's Fisher see a classifier as a language model: its decoder (adapters included) under
     the base's LM head. With the same LoRA weights it computes what a LoRA'd causal LM computes."""
