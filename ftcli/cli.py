@@ -88,7 +88,8 @@ def _print_plan(console, r, p) -> None:
                       f"{st['dropped_overlong'] + st['dropped_untrained'] + st['dropped_bad']:,}")
     console.print(table)
     console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
-                  f" · strategy {r.strategy.name} · {p.steps} optimiser steps")
+                  f" · strategy {r.strategy.name} · objective {r.objective.name} · {p.steps} optimiser steps")
+    console.print(f"precision: {r.training.precision} ({r.precision_why})")
     mem = Table(title="training memory, estimated (MB)", title_justify="left")
     mem.add_column("part")
     mem.add_column("MB", justify="right")
@@ -124,7 +125,7 @@ def eval_(
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the machine has bf16 units) | fp32 | bf16"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the numbers to this JSON file"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
@@ -199,6 +200,8 @@ def _print_run_summary(console, run_dir: Path) -> None:
         if row.get("before") is not None and row.get("after") is not None:
             console.print(f"retention {row['name']} {row['metric']}: {row['before']:.4f} → {row['after']:.4f}")
     thr = s["throughput"]
+    if s["run"].get("precision"):
+        console.print(f"precision {s['run']['precision']} ({s['run'].get('precision_why')})")
     console.print(f"{thr['tokens_per_s']:.0f} tokens/s · {s['run']['wall_s']:.0f} s · peak RSS "
                   f"{thr['peak_rss_mb']:.0f} MB · report: {run_dir / 'report.md'}")
 

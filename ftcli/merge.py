@@ -449,22 +449,33 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
                 torch.float32
             if max(abs(w * s) for w, s in zip(weights, scales)) > 1e15:  # huge weights: work in float64
                 work = torch.float64
-            stacked[module] = (torch.cat([w * s * B.to(work) for (_, B), s, w in zip(factors, scales, weights)], 1),
-                               torch.cat([A.to(work) for A, _ in factors], dim=0))
+            stacked[module] = (factors, scales, work)
         else:
             factors = [(A.to(torch.float64), B.to(torch.float64)) for A, B in factors]
             B, A, err = combine(method, factors, scales, weights, rank=rank, density=density, seed=seed,
                                 module=module)
             merged[module] = (A, B, err, False)
     groups: dict[tuple, list[str]] = {}
-    for module, (B, A) in stacked.items():
-        groups.setdefault((tuple(B.shape), tuple(A.shape), B.dtype), []).append(module)
-    for names in groups.values():
-        B_out, A_out, errors = lowrank_svd_batched(torch.stack([stacked[m][0] for m in names]),
-                                                   torch.stack([stacked[m][1] for m in names]), rank)
-        finite = bool(torch.isfinite(B_out).all()) and bool(torch.isfinite(A_out).all())  # every tensor at once
+    for module, (factors, _, work) in stacked.items():
+        key = (factors[0][1].shape[0], factors[0][0].shape[1], tuple(A.shape[0] for A, _ in factors), work)
+        groups.setdefault(key, []).append(module)
+    for (d, k, ranks, work), names in groups.items():
+        # B' = [w_i s_i B_i] and A' = [A_i] of every module of the group, written straight into one batch tensor
+        Bs, As = torch.empty(len(names), d, sum(ranks), dtype=work), torch.empty(len(names), sum(ranks), k, dtype=work)
         for i, m in enumerate(names):
-            merged[m] = (A_out[i], B_out[i], errors[i], finite)
+            factors, scales, _ = stacked[m]
+            at = 0
+            for (A, B), s, w in zip(factors, scales, weights):
+                r = A.shape[0]
+                torch.mul(B, w * s, out=Bs[i, :, at : at + r]) if B.dtype == work else Bs[i, :, at : at + r].copy_(
+                    B.to(work) * (w * s))
+                As[i, at : at + r].copy_(A)
+                at += r
+        B_out, A_out, errors = lowrank_svd_batched(Bs, As, rank)
+        # one sum per module reads each output once: finite sums mean finite entries (else each entry is checked)
+        finite = torch.isfinite(B_out.sum(dim=(1, 2)) + A_out.sum(dim=(1, 2))).tolist()
+        for i, m in enumerate(names):
+            merged[m] = (A_out[i], B_out[i], errors[i], finite[i])
     if dry_run:
         result.rank = max(m.rank for m in result.modules)
         return result, {}

@@ -27,11 +27,12 @@ class Plan:
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int,
-                    optimized: int | None = None) -> dict[str, float]:
+def memory_estimate(recipe, strategy, model, trainable: int, total: int, optimized: int | None = None,
+                    objective=None) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
     (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
-    upper bound), and what the strategy keeps besides (EWC's Fisher and anchor). `optimized`: parameters AdamW
+    upper bound), and what the strategy and the objective keep besides (EWC's Fisher and anchor, a DPO reference
+    copy, a teacher). `optimized`: parameters AdamW
     keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
     import torch
 
@@ -40,6 +41,8 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int,
     block_linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
                        if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
     parts = strategy.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+    if objective is not None:
+        parts.update(objective.memory(total=total, strategy=strategy))
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
@@ -89,7 +92,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     steps, _ = recipe.total_steps(len(bundle.train))
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
+    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized, objective)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]

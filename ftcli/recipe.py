@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ftcli import objectives, strategies
 from ftcli.errors import UserError
@@ -116,7 +116,9 @@ class Training(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm; null for none")
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast matmuls to bfloat16")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: autocast matmuls to bfloat16; auto: bf16 where the machine has bf16 matrix units "
+        "(a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16), else fp32 — resolved when the recipe loads")
     gradient_checkpointing: bool = False
     pass_tokens: int | None = Field(
         None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
@@ -158,6 +160,11 @@ class Recipe(_Section):
 
     # where the recipe came from (not a YAML key)
     source: Path | None = Field(None, exclude=True)
+    _precision_why: str | None = PrivateAttr(None)  # why training.precision is what it is (auto resolved)
+
+    @property
+    def precision_why(self) -> str:
+        return self._precision_why or "as the recipe asks"
 
     @model_validator(mode="before")
     @classmethod
@@ -196,6 +203,14 @@ class Recipe(_Section):
             problem = metric_problem(self.data.format, m)
             if problem:
                 raise ValueError(f"eval.metrics: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_precision(self) -> "Recipe":
+        from ftcli.runtime import resolve_precision
+
+        if self._precision_why is None:
+            self.training.precision, self._precision_why = resolve_precision(self.training.precision)
         return self
 
     def pass_positions(self) -> int:

@@ -137,7 +137,7 @@ def render_markdown(s: dict) -> str:
     out += [
         f"**{run['status']}** after {run['steps']} of {run['total_steps']} steps · strategy `{run['strategy']}` · "
         f"objective `{run.get('objective', 'sft')}` on "
-        f"`{run['base_model']}` · wall time {run['wall_s']:.0f} s"
+        f"`{run['base_model']}` · precision {run.get('precision', 'fp32')} · wall time {run['wall_s']:.0f} s"
         + (f" · resumed from step {run['resumed_from']}" if run.get("resumed_from") else ""),
         "",
     ]

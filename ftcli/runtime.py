@@ -37,6 +37,43 @@ def tune_allocator() -> bool:
         return False
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_units() -> str | None:
+    """What makes bf16 pay on this machine: a CUDA GPU with bf16, or the CPU's AMX or AVX-512 BF16 units; None
+    where there is none (bf16 there is emulated and slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_bf16_supported() else None
+    flags = cpu_flags()
+    for flag, name in (("amx_bf16", "the CPU's AMX units"), ("avx512_bf16", "the CPU's AVX-512 BF16 units")):
+        if flag in flags:
+            return name
+    return None
+
+
+def resolve_precision(asked: str) -> tuple[str, str]:
+    """(fp32 | bf16, why) for `training.precision` (or `ftcli eval --precision`): auto is bf16 where the machine
+    has bf16 matrix units, fp32 elsewhere."""
+    if asked != "auto":
+        return asked, "as the recipe asks"
+    units = bf16_units()
+    if units:
+        return "bf16", f"auto: bf16 on {units}"
+    return "fp32", "auto: fp32, no bf16 matrix units here (a CUDA GPU with bf16, AMX or AVX-512 BF16)"
+
+
 def autocast(precision: str, device_type: str = "cpu"):
     """A context factory for `precision`: torch's bf16 autocast on `device_type`, or nothing (fp32). Used by
     training, scoring and the benchmark alike, so every path computes bf16 the same way."""

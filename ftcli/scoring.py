@@ -144,14 +144,17 @@ def retention_sets(recipe, *, load: bool = False) -> list[EvalSet]:
 
 
 def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template: str | None = None,
-             batch_size: int = 8, max_new_tokens: int = 64, precision: str = "fp32", allow_pickle: bool = False,
+             batch_size: int = 8, max_new_tokens: int = 64, precision: str = "auto", allow_pickle: bool = False,
              log=print) -> dict:
     """Score each model of `specs` (one at a time, freed in between) on the same rows of `es`."""
     import gc
 
     from ftcli.runtime import autocast as autocast_for
+    from ftcli.runtime import resolve_precision
 
     examples = es.load()
+    precision, why = resolve_precision(precision)
+    log(f"precision {precision} ({why})")
     autocast = autocast_for(precision)
     results = {}
     for spec in specs:
@@ -162,5 +165,5 @@ def run_eval(specs: list[str], es: EvalSet, *, base: str | None = None, template
                               examples=examples)
         del target
         gc.collect()
-    return {"data": es.data, "format": es.format, "metrics": es.metrics, "rows": len(examples),
+    return {"data": es.data, "format": es.format, "metrics": es.metrics, "rows": len(examples), "precision": precision,
             "limit": es.limit, "sample_seed": es.sample_seed, "models": results}

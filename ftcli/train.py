@@ -480,6 +480,7 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
         "run": {"name": trainer.folder.path.name, "folder": str(trainer.folder.path), "status": status,
                 "strategy": strategy.name, "objective": setup.objective.name, "base_model": recipe.base_model,
                 "steps": state.step, "total_steps": trainer.steps, "wall_s": time.time() - started,
+                "precision": recipe.training.precision, "precision_why": recipe.precision_why,
                 "resumed_from": state.resumed_from, "artifact": strategy.artifact if status == "finished" else None},
         "message": message,
         "parameters": {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)},

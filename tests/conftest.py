@@ -67,7 +67,7 @@ def make_recipe(folder: Path, tiny_model_dir: Path, data_file: Path, **sections)
         "base_model": str(tiny_model_dir),
         "strategy": {"name": "lora", "r": 4, "alpha": 8},
         "data": {"train": str(data_file), "format": "alpaca", "validation": 0.25, "max_len": 64},
-        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "seed": 0},
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "seed": 0, "precision": "fp32"},
         "eval": {"metrics": ["loss", "perplexity"]},
         "output": str(folder / "run"),
     }

@@ -167,6 +167,15 @@ def test_the_adapter_off_reference_equals_a_frozen_copy_and_the_precomputed_one(
     assert losses["adapter_off"] == pytest.approx(losses[other], abs=1e-6)
 
 
+def test_a_margin_that_never_moves_is_worth_a_warning():
+    from ftcli.objectives.dpo import STUCK_AFTER, Dpo, DpoParams
+
+    dpo = Dpo(DpoParams())
+    assert "still exactly 0" in dpo.notice(STUCK_AFTER, {"reward_margin": 0.0})
+    assert dpo.notice(STUCK_AFTER, {"reward_margin": 0.01}) is None and dpo.notice(3, {"reward_margin": 0.0}) is None
+    assert Dpo(DpoParams(loss="simpo")).notice(STUCK_AFTER, {"reward_margin": 0.0}) is None  # no reference to equal
+
+
 def test_a_full_strategy_refers_to_a_copy_and_cannot_switch_an_adapter_off(tmp_path, tiny_model_dir):
     path = dpo_recipe(tmp_path, tiny_model_dir, strategy={"name": "full"}, training={"max_steps": 2, "lr": 1e-3})
     run_dir = run(path)
@@ -332,6 +341,20 @@ def test_a_teacher_equal_to_the_student_gives_kl_zero(tmp_path, tiny_model_dir):
     run_dir = run(kd_recipe(tmp_path, tiny_model_dir, tiny_model_dir, alpha=0.0), "training.max_steps=1")
     first = records(run_dir)[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-6) and first["loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_run_as_teacher_and_as_student_base_is_its_trained_model(tmp_path, tiny_model_dir):
+    """A run folder names a model: as the student's base and as the teacher it is the same trained model (KL 0),
+    and a different model than the bare base (KL > 0)."""
+    (tmp_path / "sft").mkdir()
+    sft = run(make_recipe(tmp_path / "sft", tiny_model_dir, write_jsonl(tmp_path / "a.jsonl", addition_rows(32)),
+                          training={"max_steps": 3, "lr": 0.05}))
+    (tmp_path / "kd").mkdir()
+    path = make_recipe(tmp_path / "kd", sft, write_jsonl(tmp_path / "kd" / "d.jsonl", addition_rows(16)),
+                       data={"validation": None}, objective={"name": "distill", "teacher": str(sft), "alpha": 0.0})
+    assert records(run(path, "training.max_steps=1"))[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    other = run(path, "training.max_steps=1", f"objective.teacher={tiny_model_dir}", f"output={tmp_path / 'kd2'}")
+    assert records(other)[0]["kl"] > 1e-4
 
 
 @pytest.mark.parametrize("kl", ["forward", "reverse"])

@@ -160,3 +160,29 @@ def test_check_opens_the_retention_sets_before_loading_weights(tmp_path, tiny_mo
     for command in ("check", "train"):
         code, out, err = run_cli(command, path)
         assert code == 2 and "eval.retention[0]" in err and "gone.jsonl" in err, (command, err)
+
+
+@pytest.mark.parametrize("units, expected", [(None, "fp32"), ("the CPU's AMX units", "bf16"),
+                                             ("CUDA GPU H200", "bf16")])
+def test_precision_auto_is_bf16_where_the_machine_has_bf16_units(monkeypatch, units, expected):
+    import ftcli.runtime
+
+    monkeypatch.setattr(ftcli.runtime, "bf16_units", lambda: units)
+    r = recipe_mod.validate({"data": {"train": "x.jsonl"}})
+    assert r.training.precision == expected and r.precision_why.startswith("auto")
+    assert (units or "no bf16 matrix units") in r.precision_why
+    fixed = recipe_mod.validate({"data": {"train": "x.jsonl"}, "training": {"precision": "fp32"}})
+    assert fixed.training.precision == "fp32" and fixed.precision_why == "as the recipe asks"
+    assert "precision: " + expected in r.to_yaml()  # the resolved recipe records the choice
+
+
+def test_the_cpu_flags_decide_bf16(monkeypatch):
+    import torch
+
+    import ftcli.runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, want in (({"avx2"}, None), ({"avx512_bf16"}, "AVX-512 BF16"), ({"amx_bf16", "avx512_bf16"}, "AMX")):
+        monkeypatch.setattr(ftcli.runtime, "cpu_flags", lambda flags=flags: flags)
+        got = ftcli.runtime.bf16_units()
+        assert (got is None) if want is None else (want in got)

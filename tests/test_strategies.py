@@ -218,10 +218,10 @@ def test_qlora_base_is_4bit_and_the_report_says_how_small(trained):
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, dropout, monkeypatch):
-    """ftcli's fused LoRA layer (lora strategy) gives PEFT's outputs and gradients, takes the fused path when it
-    applies (no dropout) and PEFT's own forward otherwise; the adapter it saves is plain PEFT."""
+@pytest.mark.parametrize("dropout, mode", [(0.0, "eval"), (0.1, "eval"), (0.1, "train")])
+def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, dropout, mode, monkeypatch):
+    """ftcli's fused LoRA layer (lora strategy) gives PEFT's outputs and gradients, with and without dropout (in
+    training the same seed draws the same masks on both sides), and takes the fused path for every layer."""
     from peft import LoraConfig, get_peft_model
 
     from ftcli.data.formats import Example
@@ -248,17 +248,22 @@ def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, drop
     batch = collate([enc, enc], tiny_tokenizer.pad_token_id, True, 64)
     results = []
     for model in (plain, fused):
-        model.eval()  # dropout off in both, so the paths must agree exactly; fused then takes its own path
+        model.train(mode == "train")
+        torch.manual_seed(1)  # the same dropout masks, layer by layer, on both sides
         loss = nll_sum(model, batch)
         loss.backward()
         results.append((float(loss.detach()), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    assert calls["n"] == (14 if dropout == 0.0 else 0)  # dropout > 0: PEFT's forward, even in eval
+    assert calls["n"] == 14
+    if mode == "train" and dropout:  # the masks really dropped something: the loss differs from eval's
+        fused.eval()
+        assert float(nll_sum(fused, batch).detach()) != pytest.approx(results[1][0], rel=1e-6)
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for n, g in results[0][1].items():
         assert torch.allclose(g, results[1][1][n], rtol=1e-4, atol=1e-7), n
 
 
-def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_tokenizer, dropout):
     """training.precision bf16: the fused layer computes in bf16 over base weights stored in bf16 (the rounding
     autocast applies anyway); loss and adapter gradients match PEFT's layer under the same autocast. Embeddings
     and norms stay float32."""
@@ -269,9 +274,9 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
     from ftcli.strategies.lora import Lora, LoraParams, store_frozen_in_bf16
 
     fused = get_peft_model(models.load_model(str(tiny_model_dir)),
-                           Lora(LoraParams(r=4, alpha=8, target_modules="all-linear")).peft_config())
+                           Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear")).peft_config())
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) * 0.1 for k, v in plain.state_dict().items() if "lora_" in k}
     plain.load_state_dict(state, strict=False)
@@ -285,6 +290,8 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
     batch = collate([enc, enc], tiny_tokenizer.pad_token_id, True, 64)
     results = []
     for model in (plain, fused):
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks on both sides
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = nll_sum(model, batch)
         loss.backward()

@@ -64,6 +64,10 @@ class Objective:
         """(Σ of the loss over the batch, {metric: Σ over the batch}) — sums, divided by the step's count."""
         raise NotImplementedError
 
+    def memory(self, *, total: int, strategy) -> dict[str, float]:
+        """Bytes by part that the objective keeps besides the model (a reference copy, a teacher); default none."""
+        return {}
+
     def notice(self, step: int, metrics: dict[str, float]) -> str | None:
         """A warning worth printing after optimiser step `step` (1-based), given its metrics; default none."""
         return None

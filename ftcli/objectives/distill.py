@@ -268,6 +268,9 @@ class Distill(Objective):
         loss = p.alpha * ce + (1 - p.alpha) * T * T * kl
         return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
+    def memory(self, *, total, strategy):  # a teacher of the student's size, in float32, unless precomputed
+        return {} if self.params.teacher.precompute else {"distillation teacher (if the student's size)": total * 4}
+
     def describe(self) -> dict:
         return self.info
 

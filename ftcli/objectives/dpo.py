@@ -12,6 +12,7 @@ reference (h = (π_c − r_c) − (π_r − r_r)):
 | orpo | NLL̄_c − β·log σ(log odds_c − log odds_r), odds = p̄/(1−p̄), p̄ = exp(π̄) (Hong et al., arXiv 2403.07691) | no |
 
 Rewards (logged): β·(π − r) with a reference; β·π̄ for simpo and orpo. Reward accuracy: chosen reward > rejected.
+Log-prob accuracy: π_c > π_r, whether the model itself prefers the chosen completion (no reference involved).
 The loss of a step is the mean over its pairs (the loop's count), so accumulation does not change it.
 
 The reference (`reference:`): `adapter_off` — the policy with its adapter switched off (adapter strategies; no second
@@ -87,7 +88,8 @@ def pair_losses(p: DpoParams, c, r, n_c, n_r, ref_c=None, ref_r=None):
 class Dpo(Objective):
     name = "dpo"
     formats = ("preference",)
-    metrics = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp")
+    metrics = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp",
+               "logp_accuracy")
     count_name = "pairs"
 
     def __init__(self, params: DpoParams):
@@ -214,7 +216,13 @@ class Dpo(Objective):
             "reward_accuracy": (chosen_reward > rejected_reward).float().sum(),
             "reward_margin": (chosen_reward - rejected_reward).sum(),
             "chosen_reward": chosen_reward.sum(), "rejected_reward": rejected_reward.sum(),
-            "chosen_logp": c.sum(), "rejected_logp": r.sum()}
+            "chosen_logp": c.sum(), "rejected_logp": r.sum(),
+            "logp_accuracy": (c > r).float().sum()}  # does the policy itself prefer chosen (summed log-prob)?
+
+    def memory(self, *, total, strategy):
+        p: DpoParams = self.params
+        uses_copy = p.reference == "copy" or (p.reference == "auto" and not strategy.adapter_off_is_base)
+        return {"DPO reference copy": total * 4} if p.loss in WITH_REFERENCE and uses_copy else {}
 
     def notice(self, step: int, metrics: dict) -> str | None:
         if step == STUCK_AFTER and self.params.loss in WITH_REFERENCE and metrics.get("reward_margin") == 0.0:
