@@ -121,7 +121,8 @@ def runs(tmp_path_factory, tiny_model_dir):
         lr = {"ia3": 0.05, "bottleneck": 5e-3}.get(name, 1e-2)
         path = make_recipe(folder / name, tiny_model_dir, data, strategy=settings, task="classification",
                            data={"format": "classification", "validation": str(val), "fields": {"label": "label_text"}},
-                           training={"max_steps": 20, "batch_size": 8, "lr": lr}, eval={"metrics": ["loss", "accuracy", "macro_f1"]})
+                           training={"max_steps": 20, "batch_size": 8, "lr": lr, "precision": "fp32"},
+                           eval={"metrics": ["loss", "accuracy", "macro_f1"]})
         r = recipe_mod.load(path)
         holder = {}
         run_dir = train.run(r, output=recipe_mod.default_output(r), progress=False,
@@ -160,7 +161,8 @@ def test_run_reloads_and_eval_scores_it_as_the_report_did(name, runs, run_cli, t
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
     code, out, err = run_cli("eval", run_dir, "--data", val, "--format", "classification", "--field",
-                             "label=label_text", "--metrics", "loss,accuracy,macro_f1", "--json", tmp_path / "e.json")
+                             "label=label_text", "--metrics", "loss,accuracy,macro_f1", "--precision", "fp32",
+                             "--json", tmp_path / "e.json")
     assert code == 0, err
     got = json.loads((tmp_path / "e.json").read_text())["models"][str(run_dir)]
     after = json.loads((run_dir / "report.json").read_text())["after"]
