@@ -10,6 +10,10 @@
 - accuracy / choice: no free generation. Each candidate answer (a label, or a multiple-choice option) is scored as
   the assistant's reply, end-of-turn token included, by its summed log-likelihood given the prompt; the highest
   wins. `accuracy` on classification rows and `choice` on multiple-choice rows are the same computation.
+- macro_f1 (classification rows): per label, F1 = 2·TP / (2·TP + FP + FN) of the predicted labels, averaged over
+  the labels that occur in the gold or the predicted labels (scikit-learn's `f1_score(average="macro")`).
+  A model with a classification head (`task: classification`) predicts the label with the largest logit; the
+  metrics are the same functions of its predictions (`label_metrics`).
 
 On several processes (training under torchrun) each rank scores its share of the rows and the results are
 gathered (ftcli/distributed.py): the numbers are those of one process; in one process nothing changes.
@@ -250,13 +254,25 @@ def _tree(encoded: list) -> tuple[list[int], list[int], torch.Tensor, list[tuple
     return ids, pos, mask, scored
 
 
+def label_metrics(predicted: list[int], gold: list[int]) -> dict:
+    """accuracy and macro-F1 of predicted label indices against the gold ones (see the module docstring)."""
+    n = max(len(gold), 1)
+    f1 = []
+    for label in sorted(set(gold) | set(predicted)):
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold))
+        wrong = sum((p == label) != (g == label) for p, g in zip(predicted, gold))  # FP + FN
+        f1.append(2 * tp / (2 * tp + wrong))
+    return {"accuracy": sum(p == g for p, g in zip(predicted, gold)) / n, "macro_f1": sum(f1) / max(len(f1), 1)}
+
+
 def choice_accuracy(model, encoder, examples, *, batch_size: int = 16, autocast=nullcontext) -> dict:
-    """The fraction of examples whose gold choice has the highest log-likelihood (ties go to the first)."""
+    """The fraction of examples whose gold choice has the highest log-likelihood (ties go to the first), and the
+    macro-F1 of those predictions (meaningful where every row has the same choices: classification rows)."""
     t0 = time.perf_counter()
     scores = distributed.gather(choice_scores(model, encoder, distributed.shard(examples), batch_size=batch_size,
                                               autocast=autocast))
-    hits = sum(max(range(len(s)), key=s.__getitem__) == ex.gold for s, ex in zip(scores, examples))
-    return {"accuracy": hits / max(len(examples), 1), "rows": len(examples),
+    predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    return {**label_metrics(predicted, [ex.gold for ex in examples]), "rows": len(examples),
             "rows_per_s": len(examples) / max(time.perf_counter() - t0, 1e-9)}
 
 

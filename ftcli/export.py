@@ -6,8 +6,9 @@ weights are always float32, never 4-bit (merging into 4-bit weights rounds ΔW a
 #31293). A qlora adapter was trained against the 4-bit base, so it is folded into that base de-quantised to
 float32 (transformers' `dequantize()`), which is the model it was trained with, not into the original weights.
 
-After writing, the folder is loaded again with AutoModelForCausalLM and its logits on a few chat prompts are
-compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing in float32). The export fails
+After writing, the folder is loaded again (a causal LM, or a classifier under task: classification) and its logits
+on a few chat prompts are compared with base + adapter (PEFT, unmerged; for qlora the 4-bit base computing in
+float32). Bottleneck adapters cannot be folded (a non-linearity between their projections): refused. The export fails
 (exit 1, nothing written) when the largest absolute difference exceeds TOLERANCE · max(1, largest |logit|).
 """
 
@@ -61,6 +62,8 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             recipe = folder.recipe
             template, fmt, strategy = recipe.data.chat_template, recipe.data.format, recipe.strategy.name
             loading = folder.strategy.base_loading(for_export=True)  # the base as trained, products in float32
+            if folder.kind == "adapter" and folder.strategy.unfoldable():
+                raise UserError(f"cannot export {run}: {folder.strategy.unfoldable()}")
         if folder.kind == "model":
             model_dir = artifact
         else:
@@ -69,7 +72,11 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
         source = str(run)
     else:
         from ftcli.merge import adapter_paths
+        from ftcli.strategies.bottleneck import CONFIG_FILE, NOT_FOLDABLE
 
+        given = Path(adapter)
+        if ((given if given.is_dir() else given.parent) / CONFIG_FILE).is_file():
+            raise UserError(f"cannot export {adapter}: {NOT_FOLDABLE}")
         weights, config = adapter_paths(adapter)
         adapter_dir = weights.parent
         if weights.name != "adapter_model.safetensors":  # PEFT reads only the standard file name
@@ -87,9 +94,13 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
     else:
         if quantized:
             log("4-bit base: folding the adapter into it de-quantised to float32, not into 4-bit weights")
-        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading)
+        from ftcli.objectives.classify import saved_labels
+
         tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
         tokenizer = models.load_tokenizer(tok_src, allow_pickle=allow_pickle, log=log)
+        if saved_labels(adapter_dir):  # trained with a classification head: the base gets that head
+            loading = {**loading, "labels": saved_labels(adapter_dir), "pad_token_id": tokenizer.pad_token_id}
+        model = models.load_model(base, allow_pickle=allow_pickle, log=log, **loading)
     template_text = _chat_template(tokenizer, template, fmt)
     if template_text:
         tokenizer.chat_template = template_text
@@ -113,9 +124,10 @@ def export(run=None, out=None, adapter=None, base: Optional[str] = None, overwri
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
         folded = peft_model.merge_and_unload()
     folded.config.use_cache = True
-    gen = folded.generation_config
-    gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-    gen.pad_token_id = tokenizer.pad_token_id
+    if folded.can_generate():  # a classifier (task: classification) predicts labels and has no generation settings
+        gen = folded.generation_config
+        gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+        gen.pad_token_id = tokenizer.pad_token_id
 
     from ftcli import atomic
 

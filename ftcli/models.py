@@ -183,6 +183,8 @@ def load_model(
     compute_dtype: str = "float32",
     double_quant: bool = True,
     meta: bool = False,
+    labels: list[str] | None = None,
+    pad_token_id: int | None = None,
     log=print,
     key: str = "base_model",
 ):
@@ -190,26 +192,31 @@ def load_model(
 
     quantization="nf4" loads the base in 4-bit NF4 through bitsandbytes (QLoRA). meta=True builds the
     architecture without weights (for `ftcli check`: parameter counts before loading anything). A run folder
-    loads as its trained model, an adapter folded into its float32 base.
+    loads as its trained model, an adapter folded into its float32 base. `labels`: the base as a sequence
+    classifier instead, a new head with one output per label (task: classification; `pad_token_id` goes into its
+    config, where transformers' classifier looks for the end of each row). A folder written as a classifier
+    (its config's architecture) loads as one.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     run = _run(spec)
     if run and not meta:
-        if quantization:
-            raise UserError(f"{key} {spec}: a run folder cannot be quantised on loading; export it first "
-                            "(ftcli export RUN --out DIR) and use DIR as the base")
+        if quantization or labels:
+            raise UserError(f"{key} {spec}: a run folder cannot be {'quantised' if quantization else 'given a new head'}"
+                            " on loading; export it first (ftcli export RUN --out DIR) and use DIR as the base")
         model = run.load_merged(allow_pickle=allow_pickle, log=log)[0]
         model.config.use_cache = False
         return model
     where = None if run else resolve(spec, allow_pickle=allow_pickle, log=log, key=key)
+    config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
+    auto, head = _auto_class(config, labels, pad_token_id)
     if meta:
-        config = load_config(spec, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, log=log, key=key)
+        for name, value in head.items():  # from_config takes the head's settings on the config, not as arguments
+            setattr(config, name, value)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return auto.from_config(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = dict(
-        trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa"
+        trust_remote_code=trust_remote_code, dtype=torch.float32, attn_implementation="sdpa", **head
     )
     if not allow_pickle:
         kwargs["use_safetensors"] = True
@@ -217,7 +224,7 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(quantization, compute_dtype, double_quant)
         kwargs["device_map"] = {"": _quantized_device()}
     with _hub_errors(spec, key):
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model = auto.from_pretrained(where, **kwargs)
     model.config.use_cache = False
     if quantization:
         _keep_one_4bit_layout(model)
@@ -225,6 +232,80 @@ def load_model(
 
     install(model)  # packed rows attend per example (ftcli/attention.py)
     return model
+
+
+def _auto_class(config, labels: list[str] | None, pad_token_id: int | None):
+    """(the transformers Auto class to load with, its head arguments): a causal LM, or a sequence classifier when
+    `labels` are given or the folder was saved as one."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if labels:
+        pad = {"pad_token_id": pad_token_id} if pad_token_id is not None else {}
+        return AutoModelForSequenceClassification, {
+            "num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}, **pad}
+    if any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        return AutoModelForSequenceClassification, {}
+    return AutoModelForCausalLM, {}
+
+
+HEAD_NAMES = ("score", "classifier")  # what transformers' sequence classifiers call their head (PEFT's list too)
+
+
+def classifier_head(model):
+    """The head of a sequence classifier (its `score` or `classifier` module), or None for a causal LM."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if head is not None and type(model).__name__.endswith("ForSequenceClassification"):
+            return head
+    return None
+
+
+def is_classifier(model) -> bool:
+    """Is this (possibly PEFT-wrapped) model a sequence classifier?"""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return classifier_head(inner) is not None
+
+
+def language_model_view(model, base_spec: str, *, allow_pickle: bool = False):
+    """A causal LM over a sequence classifier's decoder, shared (adapters and all, trained or not), with the base's
+    language-model head: the output embedding tied to the decoder's input embedding where the config ties them,
+    else the base's own head weight read from its files. What only a language model can do with a classifier run
+    goes through it: retention sets (did the decoder forget?), EWC's Fisher."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    clf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = copy.deepcopy(clf.config)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    decoder = getattr(clf, clf.base_model_prefix)
+    setattr(lm, lm.base_model_prefix, decoder)
+    head_name = next(n for n, m in lm.named_modules() if m is lm.get_output_embeddings())
+    if getattr(config, "tie_word_embeddings", False):
+        weight = decoder.get_input_embeddings().weight
+    else:
+        weight = torch.nn.Parameter(_saved_tensor(base_spec, f"{head_name}.weight", allow_pickle).to(
+            decoder.get_input_embeddings().weight.device), requires_grad=False)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = weight
+    lm.set_output_embeddings(head)
+    lm.config.use_cache = False
+    return lm
+
+
+def _saved_tensor(spec: str, name: str, allow_pickle: bool):
+    """One tensor of a model folder's safetensors files (without loading the rest)."""
+    from safetensors import safe_open
+
+    folder = Path(resolve(spec, allow_pickle=allow_pickle))
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():
+                return st.get_tensor(name)
+    raise UserError(f"base_model {spec}: no tensor {name} in its safetensors files")
 
 
 def load_base(spec: str, **kwargs):
@@ -336,14 +417,24 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
-    """(model, tokenizer): a base model with a PEFT adapter folder applied (not merged)."""
-    from peft import PeftModel
+ADAPTER_CONFIGS = ("adapter_config.json", "bottleneck_config.json")  # PEFT's; ftcli's bottleneck adapters'
 
+
+def adapter_config(folder) -> Path | None:
+    """The config file that makes `folder` an adapter folder (PEFT layout or a bottleneck adapter), or None."""
+    for name in ADAPTER_CONFIGS:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=print, **load_kwargs):
+    """(model, tokenizer): a base model with an adapter folder applied (not merged): PEFT's layout, or a bottleneck
+    adapter (ftcli/strategies/bottleneck.py)."""
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
-    if not (adapter / "adapter_model.safetensors").is_file():
+    if adapter_config(adapter) is None and not any(adapter.glob("*.safetensors")):
         pickled = sorted(p.name for p in adapter.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if not pickled:
             raise UserError(f"adapter folder {adapter}: no adapter_model.safetensors")
@@ -351,9 +442,20 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
             raise UserError(f"adapter folder {adapter}: the adapter is a pickle file ({', '.join(pickled)}), which "
                             "can run code when loaded. Convert it to safetensors, or pass --allow-pickle if you "
                             "trust the source.")
-    model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
+    from ftcli.objectives.classify import saved_labels
+
     tokenizer_src = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tokenizer_src, allow_pickle=allow_pickle, log=log)
+    labels = saved_labels(adapter)  # an adapter trained with a classification head: the base gets that head
+    if labels:
+        load_kwargs = {**load_kwargs, "labels": labels, "pad_token_id": tokenizer.pad_token_id}
+    model = load_model(base, allow_pickle=allow_pickle, log=log, **load_kwargs)
+    if adapter_config(adapter) == adapter / ADAPTER_CONFIGS[1]:
+        from ftcli.strategies.bottleneck import load_saved
+
+        return load_saved(model, adapter), tokenizer
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer
 
 
@@ -376,8 +478,10 @@ def fingerprint(spec: str) -> dict:
 def adapter_base(adapter: Path) -> str:
     import json
 
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
+    config = adapter_config(adapter)
+    if config is None:
+        raise UserError(f"{adapter}: not an adapter folder (no {' or '.join(ADAPTER_CONFIGS)})")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
     if not base:
-        raise UserError(f"{adapter}: adapter_config.json names no base model; pass --base")
+        raise UserError(f"{config}: names no base model; pass --base")
     return base

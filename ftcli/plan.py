@@ -81,10 +81,10 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     objective.preflight(recipe, tokenizer)
-    bundle = data_mod.build(recipe, tokenizer)
+    bundle = data_mod.build(recipe, tokenizer, objective)
     retention = scoring.retention_sets(recipe, load=True)  # as train reads them: a bad set fails here too
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
-                              meta=True, log=log)
+                              meta=True, log=log, **objective.base_loading(bundle))
     ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
                   strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)

@@ -172,6 +172,9 @@ class Eval(_Section):
 
 class Recipe(_Section):
     base_model: str = DEFAULT_BASE_MODEL
+    task: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm: the model's own next-token head; classification: a new head over the "
+        "last hidden state, one output per label of the data (objective classify)")
     trust_remote_code: bool = False
     strategy: StrategyParams = Field(default_factory=LoraParams)
     objective: ObjectiveSettings = Field(default_factory=SftParams)
@@ -191,16 +194,37 @@ class Recipe(_Section):
     def precision_why(self) -> str:
         return self._precision_why or "as the recipe asks"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_of_the_task(cls, raw):
+        """A recipe that names a task but no objective trains the task's objective (classification: classify)."""
+        if isinstance(raw, dict) and "objective" not in raw and raw.get("task") == "classification":
+            raw = {**raw, "objective": {"name": objectives.default_for(raw["task"]).name}}
+        return raw
+
     @model_validator(mode="after")
     def _formats_and_metrics_agree(self) -> "Recipe":
         """The objective takes the data's format, and the format can be scored with every eval metric: checked
         here once, so `ftcli check` refuses what `train` would (unset format and metrics follow the objective)."""
-        accepted = objectives.of(self.objective).formats
+        objective = objectives.of(self.objective)
+        if objective.task != self.task:
+            raise ValueError(f"objective {self.objective.name} trains task {objective.task}, but the recipe's task is "
+                             f"{self.task}; with task: {self.task} use objective "
+                             f"{objectives.default_for(self.task).name}")
+        accepted = objective.formats
         if "format" not in self.data.model_fields_set and self.data.format not in accepted:
             self.data.format = accepted[0]
         if self.data.format not in accepted:
             raise ValueError(f"data.format: {self.data.format!r}, but objective {self.objective.name} trains on "
                              f"{' or '.join(accepted)} rows")
+        own = objective.eval_metrics  # an objective that scores its own way (a classification head)
+        if own is not None:
+            if "metrics" not in self.eval.model_fields_set:
+                self.eval.metrics = list(own)
+            other = [m for m in self.eval.metrics if m not in own]
+            if other:
+                raise ValueError(f"eval.metrics: {', '.join(other)} cannot score objective {self.objective.name} "
+                                 f"(task {self.task}); it is scored by {', '.join(own)}")
         if "metrics" not in self.eval.model_fields_set:
             self.eval.metrics = [m for m in self.eval.metrics if not metric_problem(self.data.format, m)]
         for m in self.eval.metrics:

@@ -15,7 +15,7 @@ from ftcli import atomic
 from ftcli.errors import UserError
 
 RECIPE_FILE = "recipe.resolved.yaml"
-ARTIFACTS = {"adapter": "adapter_config.json", "model": "config.json"}  # folder → the file that marks it written
+ARTIFACTS = ("adapter", "model")  # the folders a finished run writes its artifact to
 # recipe keys that may differ between a run and its --resume (they change how long, not what, is trained)
 RESUMABLE_CHANGES = {"training.max_steps", "training.epochs", "eval.every", "training.checkpoint_every",
                      "training.keep_checkpoints", "training.log_every", "training.pass_tokens", "output"}
@@ -29,7 +29,7 @@ class RunFolder:
     def holds_run(path) -> bool:
         """Is `path` a run folder (a resolved recipe, or a written artifact)?"""
         p = Path(path).expanduser()
-        return p.is_dir() and ((p / RECIPE_FILE).is_file() or any((p / a / f).is_file() for a, f in ARTIFACTS.items()))
+        return p.is_dir() and ((p / RECIPE_FILE).is_file() or any(_written(p / a) for a in ARTIFACTS))
 
     # -- what the run is -----------------------------------------------------------------------------------------
     @cached_property
@@ -71,8 +71,8 @@ class RunFolder:
     @property
     def kind(self) -> str | None:
         """'adapter' or 'model': the artifact the run wrote; None before it finished."""
-        for name, marker in ARTIFACTS.items():
-            if (self.path / name / marker).is_file():
+        for name in ARTIFACTS:
+            if _written(self.path / name):
                 return name
         return None
 
@@ -123,6 +123,8 @@ class RunFolder:
         de-quantised (the weights it computed with), never into 4-bit weights."""
         import torch
 
+        if self.saved and self.kind == "adapter" and self.strategy.unfoldable():
+            raise UserError(f"{self.path}: {self.strategy.unfoldable()}")
         model, tokenizer = self.load(allow_pickle=allow_pickle, for_export=True, log=log)
         if self.kind == "adapter":
             if any(hasattr(p, "quant_state") for p in model.parameters()):
@@ -245,6 +247,13 @@ class RunFolder:
                 f"training.epochs {saved.get('epochs')} → {t.epochs}); the {t.schedule} schedule with warm-up "
                 f"{t.warmup} is laid out again over the new length, so the steps already taken followed the old one "
                 "and the run differs from one planned at the new length from the start")
+
+
+def _written(artifact: Path) -> bool:
+    """An artifact folder is written once the file that marks it is: a model's config.json, an adapter's config."""
+    from ftcli.models import adapter_config
+
+    return (artifact / "config.json").is_file() if artifact.name == "model" else adapter_config(artifact) is not None
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:

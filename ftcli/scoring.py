@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftcli.errors import UserError
-from ftcli.vocab import DEFAULT_METRICS, SFT_FORMATS, check_metrics
+from ftcli.vocab import CANDIDATES, DEFAULT_METRICS, SFT_FORMATS, check_metrics
 
 EVAL_MAX_LEN = 4096  # rows are never truncated for scoring below this length (a cut answer would score wrong)
 
@@ -71,12 +71,12 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
         run = RunFolder(path)
         model, tok = run.load(allow_pickle=allow_pickle, log=log)
         return Target(_merged(model), tok, run.chat_template, "run")
-    if (adapter / "adapter_config.json").is_file():
+    if models.adapter_config(adapter) is not None:
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
         return Target(_merged(model), tok, None, "adapter")
     if base:
-        raise UserError(f"--base applies to an adapter; {spec} is not one (no adapter_config.json)")
+        raise UserError(f"--base applies to an adapter; {spec} is not one (no {' or '.join(models.ADAPTER_CONFIGS)})")
     model, tok = models.load_base(spec, allow_pickle=allow_pickle, log=log, key="model")
     return Target(model, tok, None, "base")
 
@@ -91,23 +91,33 @@ def _merged(model):
 def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_size: int = 8,
           max_new_tokens: int = 64, autocast=nullcontext, examples=None) -> dict:
     """Every metric of `es` for one model; also rows, seconds and rows per second."""
+    from ftcli import models
     from ftcli.data.tokenize import Encoder, pad_id
     from ftcli.evaluate import choice_accuracy, generation_metrics, loss_metrics
 
     if examples is None:
         examples = es.load()
-    encoder = Encoder(tokenizer, template, EVAL_MAX_LEN, "truncate", es.format)
-    pad = pad_id(tokenizer)
     t0 = time.perf_counter()
     out: dict = {"rows": len(examples)}
+    if models.is_classifier(model):  # a classification head (task: classification) predicts labels itself
+        from ftcli.objectives.classify import score_head
+
+        out.update(score_head(model, tokenizer, examples, es.metrics, template=template, max_len=EVAL_MAX_LEN,
+                              batch_size=batch_size, autocast=autocast))
+        out["seconds"] = time.perf_counter() - t0
+        out["rows_per_s"] = len(examples) / max(out["seconds"], 1e-9)
+        return out
+    encoder = Encoder(tokenizer, template, EVAL_MAX_LEN, "truncate", es.format)
+    pad = pad_id(tokenizer)
     if {"loss", "perplexity"} & set(es.metrics):
         encoded = [e for e in encoder.encode_all(examples)[0] if e is not None]
         lm = loss_metrics(model, encoded, batch_size=batch_size, pad_id=pad, packing=False, pack_len=EVAL_MAX_LEN,
                           autocast=autocast)
         out.update({k: lm[k] for k in ("loss", "perplexity") if k in es.metrics}, trained_tokens=lm["trained_tokens"])
-    for m in ("accuracy", "choice"):
-        if m in es.metrics:
-            out[m] = choice_accuracy(model, encoder, examples, batch_size=batch_size, autocast=autocast)["accuracy"]
+    by_candidates = [m for m in CANDIDATES if m in es.metrics]
+    if by_candidates:
+        res = choice_accuracy(model, encoder, examples, batch_size=batch_size, autocast=autocast)
+        out.update({m: res["macro_f1" if m == "macro_f1" else "accuracy"] for m in by_candidates})
     gen = generation_metrics(model, tokenizer, encoder, examples, es.metrics, max_new_tokens=max_new_tokens,
                              limit=None, batch_size=batch_size, autocast=autocast)
     if gen:

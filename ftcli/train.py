@@ -135,10 +135,11 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
     objective.preflight(recipe, tokenizer)
-    bundle = data_mod.build(recipe, tokenizer)
+    bundle = data_mod.build(recipe, tokenizer, objective)
     retention = scoring.retention_sets(recipe, load=True)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
-                              allow_pickle=allow_pickle, log=log, **strategy.base_loading())
+                              allow_pickle=allow_pickle, log=log, **strategy.base_loading(),
+                              **objective.base_loading(bundle))
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
                   strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)
@@ -350,12 +351,12 @@ class Evaluator:
         out = self.objective.evaluate(self.model, split.encoded, batch_size=r.training.batch_size, pad_id=self.pad_id,
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
         wanted = r.eval.metrics
-        if generation and set(CANDIDATES) & set(wanted):
+        by_candidates = [m for m in CANDIDATES if m in wanted and m not in out]  # unless the objective scored them
+        if generation and by_candidates:
             rows = split.examples[: r.eval.limit] if r.eval.limit else split.examples
             whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
-            acc = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size,
-                                  autocast=self.autocast)["accuracy"]
-            out.update({m: acc for m in CANDIDATES if m in wanted})
+            res = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size, autocast=self.autocast)
+            out.update({m: res["macro_f1" if m == "macro_f1" else "accuracy"] for m in by_candidates})
         if generation:
             out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
                                           max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
@@ -369,8 +370,9 @@ class Evaluator:
 
     def score_retention(self) -> list[dict]:
         r = self.recipe
+        lm = self.objective.language_model(self.model) if self.retention else None
         with self.gathered():
-            return [scoring.score(self.model, self.tokenizer, es, template=r.data.chat_template,
+            return [scoring.score(lm, self.tokenizer, es, template=r.data.chat_template,
                                   batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
                                   autocast=self.autocast, examples=es.examples)
                     for es in self.retention]
@@ -645,6 +647,7 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
         if world.main:
             with atomic.folder(folder.path / setup.strategy.artifact) as tmp:
                 setup.strategy.save(model, tmp, whole)
+                setup.objective.save(tmp)
                 setup.tokenizer.save_pretrained(str(tmp))
             for w in trainer.watchers:
                 w.finish(folder.path, trainer.named)

@@ -23,17 +23,18 @@ METRICS = {
     "numeric": "a prompt and a reference answer (generation)",
     "accuracy": "candidate answers (classification or choice rows)",
     "choice": "candidate answers (classification or choice rows)",
+    "macro_f1": "labels (classification rows): the mean over labels of each label's F1",
 }
-Metric = Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice"]
+Metric = Literal["loss", "perplexity", "exact_match", "rougeL", "numeric", "accuracy", "choice", "macro_f1"]
 GENERATION = ("exact_match", "rougeL", "numeric")
-CANDIDATES = ("accuracy", "choice")
+CANDIDATES = ("accuracy", "choice", "macro_f1")  # from the predicted candidate (or, with a head, the predicted label)
 
 ALLOWED = {  # format → the metrics it can be scored with
     "alpaca": ("loss", "perplexity", *GENERATION),
     "chat": ("loss", "perplexity", *GENERATION),
     "completion": ("loss", "perplexity"),
     "classification": ("loss", "perplexity", *GENERATION, *CANDIDATES),
-    "choice": ("loss", "perplexity", *GENERATION, *CANDIDATES),
+    "choice": ("loss", "perplexity", *GENERATION, "accuracy", "choice"),
     "preference": ("loss",),
 }
 DEFAULT_METRICS = {"classification": ["accuracy"], "choice": ["choice"], "completion": ["loss", "perplexity"],
@@ -51,6 +52,8 @@ def metric_problem(fmt: str, metric: str) -> str | None:
         return f"unknown metric {metric}; choose from {', '.join(METRICS)}"
     if metric in ALLOWED[fmt]:
         return None
+    if metric == "macro_f1":
+        return f"metric macro_f1 averages over labels, so it needs format classification (text, label); the format is {fmt}"
     if metric in CANDIDATES:
         return (f"metric {metric} scores candidate answers, so it needs format classification (text, label) or "
                 f"choice (question, choices, answer); the format is {fmt}")

@@ -42,7 +42,14 @@ STRATEGIES = {
     "hft": ({"name": "hft", "round_steps": 100}, hft_trains, "model"),
     "ewc-full": ({"name": "ewc", "inner": {"name": "full"}, "fisher_rows": 4}, lambda n: True, "model"),
     "ewc-lora": ({"name": "ewc", "inner": {"name": "lora", **LORA}, "fisher_rows": 4}, lambda n: False, "adapter"),
+    "ia3": ({"name": "ia3"}, lambda n: False, "adapter"),
+    "vera": ({"name": "vera", "r": 8}, lambda n: False, "adapter"),
+    "loha": ({"name": "loha", "r": 4, "alpha": 8}, lambda n: False, "adapter"),
+    "lokr": ({"name": "lokr", "r": 4, "alpha": 8}, lambda n: False, "adapter"),
+    "oft": ({"name": "oft", "block_size": 8}, lambda n: False, "adapter"),
+    "bottleneck": ({"name": "bottleneck", "reduction_factor": 4}, lambda n: False, "adapter"),
 }
+ADAPTER_FAMILIES = [n for n, (s, _, art) in STRATEGIES.items() if art == "adapter" and s["name"] != "ewc"]
 
 
 def start_weights(name, tiny_model_dir) -> dict:
@@ -56,6 +63,16 @@ def start_weights(name, tiny_model_dir) -> dict:
 def base_name(name: str) -> str:
     """PEFT's name for a wrapped base weight → the plain transformers name."""
     return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def is_adapter(name: str, tiny_model_dir) -> bool:
+    """A parameter the strategy added (LoRA factors, IA3 vectors, OFT blocks, ...): not a weight of the base."""
+    if "keys" not in _BASE:
+        _BASE["keys"] = set(load_file(str(tiny_model_dir / "model.safetensors")))
+    return base_name(name) not in _BASE["keys"]
+
+
+_BASE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +102,14 @@ def test_trainable_set_is_as_documented(name, tiny_model_dir):
 
     model = strategies.get(r.strategy).prepare(models.load_model(str(tiny_model_dir)),
                                                strategies.Context(recipe=r, dry_run=True))
+    added = 0
     for n, p in model.named_parameters():
-        if "lora_" in n:
+        if is_adapter(n, tiny_model_dir):
             assert p.requires_grad, n
+            added += 1
         else:
             assert p.requires_grad == trains(base_name(n)), n
+    assert (added > 0) == (STRATEGIES[name][2] == "adapter")
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -100,7 +120,7 @@ def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, ti
     changed = 0
     for n, p in model.named_parameters():
         key = base_name(n)
-        if "lora_" in n:
+        if is_adapter(n, tiny_model_dir):
             continue
         if trains(key):
             changed += not torch.equal(p.detach(), start[key])
@@ -119,9 +139,9 @@ def test_frozen_weights_get_no_gradient_and_stay_bit_identical(name, trained, ti
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert p.grad is None, n
-        elif "lora_A" in n or trains(base_name(n)):
+        elif trains(base_name(n)):
             assert p.grad is not None, n
-        if "lora_A" in n or "lora_B" in n:  # every adapted module of every block really learns (qlora too)
+        if is_adapter(n, tiny_model_dir):  # every adapted module of every block really learns (qlora too)
             assert p.grad is not None and float(p.grad.abs().sum()) > 0, n
 
 
@@ -138,6 +158,41 @@ def test_saved_artifact_reloads_to_the_same_logits(name, trained):
         a = model(input_ids=ids).logits
         b = reloaded(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("name", ADAPTER_FAMILIES)
+def test_adapter_starts_as_the_base_model(name, tiny_model_dir):
+    """Before any step the adapted model computes the base model's logits exactly (IA3 vectors at 1, VeRA's b at 0,
+    one LoHa/LoKr factor at 0, OFT's rotation at the identity, LoRA's B at 0)."""
+    from ftcli import strategies
+
+    settings = STRATEGIES[name][0]
+    r = recipe_mod.validate({"base_model": str(tiny_model_dir), "strategy": settings, "data": {"train": "x.jsonl"},
+                             "training": {"precision": "fp32"}})  # (bf16 stores lora's frozen weights in bf16)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        base = models.load_model(str(tiny_model_dir)).eval()(input_ids=ids).logits
+        adapted = strategies.get(r.strategy).prepare(models.load_model(str(tiny_model_dir)),
+                                                     strategies.Context(recipe=r)).eval()(input_ids=ids).logits
+    assert torch.equal(base, adapted)
+
+
+@pytest.mark.parametrize("name", ["ia3", "vera", "loha", "lokr", "oft"])
+def test_export_folds_each_adapter_family(name, trained, tmp_path):
+    """`ftcli export` folds the trained adapter into the base with PEFT's merge; the written folder reloads to the
+    logits of base + adapter (export checks it, and it is checked again here against the in-memory model)."""
+    from ftcli import export
+
+    run_dir, model, _ = trained[name]
+    res = export.export(run=run_dir, out=tmp_path / "out", log=lambda *_: None)
+    assert res.max_diff <= res.tolerance
+    folded = models.load_model(str(tmp_path / "out")).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    model.eval()
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, folded(input_ids=ids).logits
+    assert not any(hasattr(m, "base_layer") for m in folded.modules())  # plain linear layers, nothing left to unfold
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
 
 
 def test_dora_magnitudes_get_gradient_and_change(trained, tiny_model_dir):
@@ -176,7 +231,7 @@ def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, drop
     from ftcli.strategies.lora import Lora, LoraParams
 
     strategy = Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
-    config = strategy.lora_config()
+    config = strategy.peft_config()
     fused = get_peft_model(models.load_model(str(tiny_model_dir)), config)
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -220,7 +275,7 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
     from ftcli.strategies.lora import Lora, LoraParams, store_frozen_in_bf16
 
     fused = get_peft_model(models.load_model(str(tiny_model_dir)),
-                           Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear")).lora_config())
+                           Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear")).peft_config())
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
     torch.manual_seed(0)

@@ -132,9 +132,10 @@ def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str =
     return examples
 
 
-def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str) -> Split:
+def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str, encode=None) -> Split:
+    """`encode(encoder, examples)`: the objective's encoding (Objective.encode); default the encoder's masks."""
     try:
-        encoded, stats = encoder.encode_all(examples)
+        encoded, stats = encode(encoder, examples) if encode else encoder.encode_all(examples)
     except UserError as e:  # a bad row: name its source
         raise UserError(f"{name} split ({source}): {e}") from None
     kept = [(enc, ex) for enc, ex in zip(encoded, examples) if enc is not None]
@@ -148,8 +149,9 @@ def encode_split(name: str, examples: list[Example], encoder: Encoder, source: s
     return Split(name, [k[0] for k in kept], [k[1] for k in kept], stats, source)
 
 
-def build(recipe, tokenizer) -> DataBundle:
-    """Read, format, encode and split the recipe's data."""
+def build(recipe, tokenizer, objective=None) -> DataBundle:
+    """Read, format, encode and split the recipe's data; `objective` encodes the rows its own way (a classification
+    head reads each prompt's last token instead of training an answer)."""
     d = recipe.data
     bad, numbers = BadRows(d.on_bad_rows), NumbersAsText()
     encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format, bad_rows=bad)
@@ -173,6 +175,8 @@ def build(recipe, tokenizer) -> DataBundle:
                                             instruction=d.instruction, labels=labels, prompt_style=d.prompt_style,
                                             bad_rows=bad, numbers=numbers)
         val_source = d.validation
-    train = encode_split("train", examples, encoder, d.train)
-    validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None
+    encode = objective.encode if objective is not None else None
+    train = encode_split("train", examples, encoder, d.train, encode)
+    validation = (encode_split("validation", validation_examples, encoder, val_source, encode)
+                  if validation_examples else None)
     return DataBundle(train, validation, encoder, bad, numbers)

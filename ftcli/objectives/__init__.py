@@ -7,6 +7,7 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from ftcli.objectives.base import Objective, ObjectiveParams
+from ftcli.objectives.classify import Classify, ClassifyParams
 from ftcli.objectives.distill import Distill, DistillParams
 from ftcli.objectives.dpo import Dpo, DpoParams
 from ftcli.objectives.sft import Sft, SftParams
@@ -15,6 +16,7 @@ REGISTRY: dict[str, tuple[type, type[Objective]]] = {
     "sft": (SftParams, Sft),
     "dpo": (DpoParams, Dpo),
     "distill": (DistillParams, Distill),
+    "classify": (ClassifyParams, Classify),
 }
 
 # The union a recipe's `objective:` validates against, discriminated on `name`.
@@ -31,4 +33,10 @@ def of(params) -> type[Objective]:
     return REGISTRY[params.name][1]
 
 
-__all__ = ["REGISTRY", "ObjectiveSettings", "Objective", "ObjectiveParams", "get", "of"]
+def default_for(task: str):
+    """The settings of the first registered objective that trains `task` (causal_lm: sft; classification:
+    classify): what a recipe that names a task but no objective trains."""
+    return next(params() for params, cls in REGISTRY.values() if cls.task == task)
+
+
+__all__ = ["REGISTRY", "ObjectiveSettings", "Objective", "ObjectiveParams", "get", "of", "default_for"]

@@ -37,6 +37,8 @@ class Objective:
     formats: ClassVar[tuple[str, ...]] = SFT_FORMATS  # data formats it trains on; the first is the default
     metrics: ClassVar[tuple[str, ...]] = ()  # what `loss_sum` reports beside the loss (metrics.jsonl, report)
     count_name: ClassVar[str] = "trained_tokens"  # what `count` counts, as metrics.jsonl names it
+    task: ClassVar[str] = "causal_lm"  # the recipe `task` it trains (classify: classification)
+    eval_metrics: ClassVar[tuple[str, ...] | None] = None  # eval metrics it computes itself; None: the format's
 
     def __init__(self, params: ObjectiveParams):
         self.params = params
@@ -73,6 +75,21 @@ class Objective:
     def describe(self) -> dict:
         """Facts for the report (the reference used, the teacher, caches); default nothing."""
         return {}
+
+    def encode(self, encoder, examples: list) -> tuple[list, Any]:
+        """(encoded rows, None where dropped; EncodeStats) of formatted examples: the encoder's masks by default."""
+        return encoder.encode_all(examples)
+
+    def base_loading(self, data: "DataBundle") -> dict:
+        """Keyword arguments for `models.load_model` that the objective needs of the base (classify: its labels)."""
+        return {}
+
+    def save(self, folder) -> None:
+        """Write what the objective adds to the artifact folder beside the strategy's files (classify: labels)."""
+
+    def language_model(self, model):
+        """The model as a language model, for retention sets (classify: its decoder with the base's LM head)."""
+        return model
 
     # -- shared ------------------------------------------------------------------------------------------------
     def evaluate(self, model, units: list, *, batch_size: int, pad_id: int, packing: bool, pack_len: int,

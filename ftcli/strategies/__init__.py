@@ -8,12 +8,15 @@ from pydantic import Field
 
 from ftcli.errors import UserError
 from ftcli.strategies.base import Context, Strategy
+from ftcli.strategies.bottleneck import Bottleneck, BottleneckParams
 from ftcli.strategies.ewc import Ewc, EwcParams
 from ftcli.strategies.frozen import Frozen, FrozenParams
 from ftcli.strategies.full import Full, FullParams
 from ftcli.strategies.hft import Hft, HftParams
 from ftcli.strategies.lora import Dora, DoraParams, Lora, LoraParams, Qlora, QloraParams
 from ftcli.strategies.si import Si, SiParams
+from ftcli.strategies.peft_adapters import (Ia3, Ia3Params, Loha, LohaParams, Lokr, LokrParams, Oft, OftParams, Vera,
+                                            VeraParams)
 
 REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "full": (FullParams, Full),
@@ -24,6 +27,12 @@ REGISTRY: dict[str, tuple[type, type[Strategy]]] = {
     "hft": (HftParams, Hft),
     "ewc": (EwcParams, Ewc),
     "si": (SiParams, Si),
+    "ia3": (Ia3Params, Ia3),
+    "vera": (VeraParams, Vera),
+    "loha": (LohaParams, Loha),
+    "lokr": (LokrParams, Lokr),
+    "oft": (OftParams, Oft),
+    "bottleneck": (BottleneckParams, Bottleneck),
 }
 
 # The union a recipe's `strategy:` validates against, discriminated on `name`.

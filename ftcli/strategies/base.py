@@ -76,6 +76,10 @@ class Strategy:
         `block_linear`: elements of the blocks' linear weights (what quantisation or bf16 storage shrinks)."""
         return {"weights": total * 4}
 
+    def unfoldable(self) -> str | None:
+        """Why the trained adapter cannot be folded into the base's weights (export, a run used as a base), or None."""
+        return None
+
     def prepare(self, model: "torch.nn.Module", ctx: Context) -> "torch.nn.Module":
         raise NotImplementedError
 

@@ -7,11 +7,12 @@ after PEFT's `prepare_model_for_kbit_training` (norms and other small weights in
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import Field
 
-from ftcli.strategies.base import Context, Params, Strategy
+from ftcli.strategies.base import Context, Params
+from ftcli.strategies.peft_adapters import PeftAdapter, targets, TargetModules
 
 
 class LoraParams(Params):
@@ -21,9 +22,7 @@ class LoraParams(Params):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: Union[Literal["all-linear"], list[str]] = Field(
-        "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
-    )
+    target_modules: TargetModules = targets()
     rslora: bool = Field(False, description="scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)")
 
 
@@ -42,10 +41,8 @@ class QloraParams(LoraParams):
     compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the de-quantised matmuls")
 
 
-class Lora(Strategy):
+class Lora(PeftAdapter):
     name = "lora"
-    artifact = "adapter"
-    adapter_off_is_base = True
     use_dora = False
     fused = True  # plain float linear layers train through ftcli's fused LoRA layer (lora_fused.py)
 
@@ -54,7 +51,7 @@ class Lora(Strategy):
             return {"weights": block_linear * 2 + (total - block_linear) * 4}
         return {"weights": total * 4}
 
-    def lora_config(self):
+    def peft_config(self):
         import torch
         from peft import LoraConfig
 
@@ -67,7 +64,6 @@ class Lora(Strategy):
             use_rslora=p.rslora,
             use_dora=self.use_dora,
             bias="none",
-            task_type="CAUSAL_LM",
         )
         if self.fused:
             from ftcli.strategies.lora_fused import FusedLinear
@@ -76,28 +72,10 @@ class Lora(Strategy):
         return config
 
     def prepare(self, model, ctx: Context):
-        import torch
-        from peft import get_peft_model
-
-        from ftcli.errors import UserError
-
-        try:
-            peft_model = get_peft_model(model, self.lora_config())
-        except ValueError as e:  # PEFT names the missing target modules; we add which there are
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                            if isinstance(m, torch.nn.Linear) and n != "lm_head"} | {"all-linear"})
-            raise UserError(f"strategy.target_modules: {str(e).split('. Please')[0]}; this model's linear layers "
-                            f"are: {', '.join(names)}") from None
-        peft_model.peft_config["default"].base_model_name_or_path = ctx.recipe.base_model
+        peft_model = super().prepare(model, ctx)
         if self.fused and ctx.recipe.training.precision == "bf16":
             store_frozen_in_bf16(peft_model)
         return peft_model
-
-    def save(self, model, folder, state_dict=None):
-        # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
-        # model up on the hub to compare vocabularies (a warning offline)
-        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False,
-                              state_dict=state_dict)
 
 
 def store_frozen_in_bf16(model) -> int:

@@ -46,7 +46,11 @@ class Anchored(Strategy):
 
     # -- the interface ------------------------------------------------------------------------------------------
     def prepare(self, model, ctx: Context):
-        w = None if ctx.dry_run else self.weights(model, ctx)
+        from ftcli.models import is_classifier, language_model_view
+
+        # a classifier (task: classification): the weights of its decoder as the base language model it starts as
+        lm = language_model_view(model, ctx.recipe.base_model) if is_classifier(model) and not ctx.dry_run else model
+        w = None if ctx.dry_run else self.weights(lm, ctx)
         model = self.inner.prepare(model, ctx)
         if w is not None:
             self.terms = self._lora_terms(model, w) if self.lora else self._full_terms(model, w)
