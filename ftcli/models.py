@@ -434,7 +434,7 @@ def load_adapter(adapter: Path, base: str, *, allow_pickle: bool = False, log=pr
     adapter = Path(adapter)
     if adapter.is_file():
         adapter = adapter.parent
-    if adapter_config(adapter) is None and not any(adapter.glob("*.safetensors")):
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "bottleneck.safetensors")):
         pickled = sorted(p.name for p in adapter.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
         if not pickled:
             raise UserError(f"adapter folder {adapter}: no adapter_model.safetensors")
