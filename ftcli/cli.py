@@ -280,6 +280,94 @@ def export(
     console.print(f"[bold]model folder:[/] {res.out}")
 
 
+def _settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size):
+    from ftcli.evaluate import Sampling
+    from ftcli.generate import Settings
+
+    return Settings(Sampling(temperature, top_p, top_k), max_new_tokens, seed, samples, batch_size)
+
+
+def _log_err():
+    """A log function for commands whose stdout is data: dim lines on stderr, markup characters kept as text."""
+    from rich.markup import escape
+
+    err = _console_err()
+    return lambda m: err.print(f"[dim]{escape(m)}[/]")
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+_MODEL_HELP = "a built-in alias, a model folder (merged or exported), a run folder, or an adapter (with --base)"
+_TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sample at this temperature")
+_TOP_P = typer.Option(1.0, "--top-p", help="sample from the smallest set of tokens with this much probability")
+_TOP_K = typer.Option(0, "--top-k", help="sample from at most this many tokens (0: no limit)")
+_SEED = typer.Option(0, "--seed", help="the sampling seed: the same seed gives the same text")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="one prompt; the text alone goes to stdout"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f",
+                                        help="prompts, one row each: prompt | messages | instruction (+input)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write JSON lines here instead of stdout"),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    seed: int = _SEED,
+    samples: int = typer.Option(1, "--samples", "-k", help="generations per prompt (needs --temperature > 0)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per batch (left-padded)"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    raw: bool = typer.Option(False, "--raw", help="continue the prompt as plain text, no chat template"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Generate from a model or a run: --prompt TEXT (text to stdout, messages to stderr) or --file (JSON lines)."""
+    from ftcli import generate as gen_mod
+
+    gen_mod.generate(model, prompt=prompt, file=file, out=out,
+                     settings=_settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size),
+                     write=_write_stdout, log=_log_err(), base=base, raw=raw,
+                     system=system, template=template, precision=precision, allow_pickle=allow_pickle)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    seed: int = _SEED,
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Talk to a model or a run: turns from stdin, replies streamed to stdout (/reset, /exit)."""
+    from ftcli import generate as gen_mod
+
+    err = _console_err()
+    interactive = sys.stdin.isatty()
+
+    def read():
+        if interactive:
+            err.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        return line if line else None
+
+    gen_mod.chat(model, settings=_settings(temperature, top_p, top_k, max_new_tokens, seed, 1, 1), read=read,
+                 write=_write_stdout, log=_log_err(), base=base, system=system,
+                 template=template, precision=precision, allow_pickle=allow_pickle)
+
+
 def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError

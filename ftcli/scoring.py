@@ -56,6 +56,8 @@ class Target:
     tokenizer: object
     template: str | None  # the chat template the model was trained with, when the run names one
     kind: str  # "base", "run", "adapter"
+    format: str | None = None  # a run's data format (completion: plain text, no chat template)
+    system_prompt: str | None = None  # a run's data.system_prompt
 
 
 def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = False, log=print) -> Target:
@@ -70,7 +72,9 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
             raise UserError("--base applies to an adapter; a run folder names its own base model")
         run = RunFolder(path)
         model, tok = run.load(allow_pickle=allow_pickle, log=log)
-        return Target(_merged(model), tok, run.chat_template, "run")
+        data = run.recipe.data if run.saved else None
+        return Target(_merged(model), tok, run.chat_template, "run", data and data.format,
+                      data and data.system_prompt)
     if (adapter / "adapter_config.json").is_file():
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
