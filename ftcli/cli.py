@@ -368,6 +368,50 @@ def chat(
                  template=template, precision=precision, allow_pickle=allow_pickle)
 
 
+@app.command()
+def synth(
+    teacher: str = typer.Argument(..., help=_MODEL_HELP),
+    prompts: Path = typer.Option(..., "--prompts", help="prompt rows (.jsonl/.json/.csv/.parquet) or a YAML file of "
+                                 "templates with {slots}"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .jsonl file to write (OUT.synth.json records how)"),
+    format: str = typer.Option("auto", "--format", help="auto | alpaca | chat | completion"),
+    samples: int = typer.Option(1, "--samples", "-k", help="samples per prompt"),
+    seed: int = _SEED,
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy; above 0: sample"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per chunk (one generation batch)"),
+    min_chars: int = typer.Option(1, "--min-chars", help="drop generations shorter than this"),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="drop generations longer than this"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="keep only generations this pattern finds"),
+    exclude_regex: Optional[str] = typer.Option(None, "--exclude-regex", help="drop generations it finds"),
+    drop_unfinished: bool = typer.Option(False, "--drop-unfinished", help="drop generations cut at max-new-tokens"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="drop exact duplicate rows"),
+    near_dup: float = typer.Option(0.9, "--near-dup", help="drop rows this similar to a kept row (Jaccard of "
+                                   "character 5-grams); 0: off"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="a yes/no question with {prompt} and {output}, "
+                                        "answered by the teacher; keep when log p(yes) − log p(no) > threshold"),
+    judge_threshold: float = typer.Option(0.0, "--judge-threshold"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter teacher"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    raw: bool = typer.Option(False, "--raw", help="continue prompts as plain text, no chat template"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start again instead of continuing --out"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Write training rows from a teacher: sampled, filtered, resumable (run the same command again to continue)."""
+    from ftcli import synth as synth_mod
+
+    settings = _settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size)
+    filters = synth_mod.Filters(min_chars, max_chars, regex, exclude_regex, drop_unfinished, dedup, near_dup, judge,
+                                judge_threshold)
+    synth_mod.synth(teacher, prompts=prompts, out=out, settings=settings, filters=filters, fmt=format,
+                    overwrite=overwrite, console=_console_err(), log=_log_err(), base=base, raw=raw, system=system,
+                    template=template, precision=precision, allow_pickle=allow_pickle)
+
+
 def main() -> None:
     """Entry point: run the app; known errors print one message and exit 2 (bad input) or 1 (failed run)."""
     from ftcli.errors import FtcliError

@@ -95,6 +95,7 @@ class Sampling:
 @dataclass
 class Generation:
     text: str  # decoded, special tokens dropped, stripped
+    raw: str  # the same, unstripped (a plain-text continuation joins its prompt as it is)
     tokens: int  # new tokens, the stop token included
     finished: bool  # ended with a stop token (False: cut at max_new_tokens)
 
@@ -140,8 +141,8 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: 
                     new = out[r * samples + k, width:].tolist()
                     cut = next((t + 1 for t, tok in enumerate(new) if tok in stops), None)
                     new = new[:cut] if cut else new
-                    outputs[i].append(Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), len(new),
-                                                 cut is not None))
+                    raw = tokenizer.decode(new, skip_special_tokens=True)
+                    outputs[i].append(Generation(raw.strip(), raw, len(new), cut is not None))
     return outputs
 
 
