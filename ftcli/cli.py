@@ -89,6 +89,13 @@ def _print_plan(console, r, p) -> None:
     console.print(table)
     console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
                   f" · strategy {r.strategy.name} · {p.steps} optimiser steps")
+    if p.groups:
+        groups = Table(title="what trains, by group", title_justify="left")
+        for col in ("group", "weights trained or adapted", "trainable parameters"):
+            groups.add_column(col, justify="left" if col == "group" else "right")
+        for name, g in p.groups.items():
+            groups.add_row(name, f"{g['weights']:,}", f"{g['trainable']:,}")
+        console.print(groups)
     mem = Table(title="training memory, estimated (MB)", title_justify="left")
     mem.add_column("part")
     mem.add_column("MB", justify="right")

@@ -20,6 +20,7 @@ class Plan:
     example: list[tuple[str, bool]]
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
+    groups: dict[str, dict] = field(default_factory=dict)  # what trains by group (attention, experts, router, ...)
 
 
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
@@ -83,8 +84,19 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
     for es in retention:
         notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+    from ftcli import moe
+
+    groups = moe.trainable_by_group(model)
+    experts = moe.expert_count(model)
+    if experts:
+        missing = [g for g in ("experts", "router") if g not in groups]
+        per = groups.get("experts", {}).get("trainable", 0) // experts[0]
+        notes.append(f"mixture of experts: {experts[0]} routed experts per block, {experts[1]} per token"
+                     + (f"; {per:,} trainable parameters per expert (all blocks)" if per else "")
+                     + (f"; not trained: {', '.join(missing)} (name them in strategy.target_modules)"
+                        if missing and strategy.artifact == "adapter" else ""))
     steps, _ = recipe.total_steps(len(bundle.train))
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
     memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
     example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
-    return Plan(splits, trainable, total, steps, example, notes, memory)
+    return Plan(splits, trainable, total, steps, example, notes, memory, groups)

@@ -115,6 +115,9 @@ class Training(_Section):
         None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
         "several passes of whole rows with the same gradient and less memory. null: 512 (at least data.max_len)")
     compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
+    router_aux_loss: float | None = Field(
+        None, ge=0, description="mixture-of-experts bases: coefficient of the router's load-balancing loss added to "
+        "the training loss; null: the model config's router_aux_loss_coef; 0: off")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -288,6 +289,9 @@ class Trainer:
         self.pad_id = pad_id(setup.tokenizer)
         self.metrics_log = report.MetricsLog(folder.path)
         self._plans: dict[int, list] = {}
+        from ftcli.moe import RouterBalance
+
+        self.router = RouterBalance.attach(causal_lm(self.model), t.router_aux_loss)  # None unless mixture of experts
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState) -> Path:
@@ -325,12 +329,18 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
         passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
+        step_tokens = sum(p.n_tokens for p in passes)
         for part in passes:
-            with self.autocast():
+            with self.autocast(), (self.router.capture() if self.router else nullcontext()):
                 loss_sum, metrics = self.objective.loss_sum(self.model, part)
                 loss = loss_sum / count
+                step_loss += loss.detach()
+                aux = self.router.loss(part) if self.router else None
+                if aux is not None:  # the router's load-balancing loss, a token-weighted mean over the passes
+                    share = part.n_tokens / max(step_tokens, 1)
+                    sums["router_aux"] = sums.get("router_aux", 0) + aux.detach() * share
+                    loss = loss + self.router.coef * aux * share
             self.accelerator.backward(loss)
-            step_loss += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.detach() / count
         result = StepResult(float(step_loss), {k: float(v) for k, v in sums.items()}, None, count,
@@ -348,6 +358,7 @@ class Trainer:
             result.grad_norm = float(self.accelerator.clip_grad_norm_([p for _, p in self.named], t.max_grad_norm))
         result.lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.strategy.after_step(step + 1, self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         result.seconds = time.perf_counter() - t0

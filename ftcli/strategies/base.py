@@ -79,6 +79,9 @@ class Strategy:
     def on_step(self, step: int, model: "torch.nn.Module") -> None:
         """Called before optimiser step `step` (1-based) is computed."""
 
+    def after_step(self, step: int, model: "torch.nn.Module") -> None:
+        """Called after optimiser step `step` (1-based) is applied (hft: frozen expert slices put back)."""
+
     def save(self, model: "torch.nn.Module", folder: Path) -> None:
         """Write the trained artifact to `folder` (which does not exist yet)."""
         from ftcli.models import save_model_folder

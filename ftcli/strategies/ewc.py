@@ -90,6 +90,9 @@ class Ewc(Strategy):
     def on_step(self, step: int, model) -> None:
         self.inner.on_step(step, model)
 
+    def after_step(self, step: int, model) -> None:
+        self.inner.after_step(step, model)
+
     def save(self, model, folder: Path) -> None:
         self.inner.save(model, folder)
 
