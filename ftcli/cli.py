@@ -382,6 +382,7 @@ def synth(
                                  "templates with {slots}"),
     out: Path = typer.Option(..., "--out", "-o", help="the .jsonl file to write (OUT.synth.json records how)"),
     format: str = typer.Option("auto", "--format", help="auto | alpaca | chat | completion"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N prompts"),
     samples: int = typer.Option(1, "--samples", "-k", help="samples per prompt"),
     seed: int = _SEED,
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy; above 0: sample"),
@@ -414,7 +415,7 @@ def synth(
     settings = _settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size)
     filters = synth_mod.Filters(min_chars, max_chars, regex, exclude_regex, drop_unfinished, dedup, near_dup, judge,
                                 judge_threshold)
-    synth_mod.synth(teacher, prompts=prompts, out=out, settings=settings, filters=filters, fmt=format,
+    synth_mod.synth(teacher, prompts=prompts, out=out, settings=settings, filters=filters, fmt=format, limit=limit,
                     overwrite=overwrite, console=_console_err(), log=_log_err(), base=base, raw=raw, system=system,
                     template=template, precision=precision, allow_pickle=allow_pickle)
 

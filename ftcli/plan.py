@@ -82,8 +82,15 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                          f"data.max_len={recipe.data.max_len} (data.overlong: {recipe.data.overlong})")
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
+    from ftcli import probe
+
     for es in retention:
-        notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+        if es.data == probe.PROBE:
+            notes.append(f"retention: the {probe.NAME}, {es.limit or len(probe.prompts())} general prompts answered "
+                         "by the base model at the start of training (cached), loss before and after "
+                         "(eval.retention: [] switches it off)")
+        else:
+            notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
     from ftcli import moe
 
     groups = moe.trainable_by_group(model)

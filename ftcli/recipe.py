@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ftcli import objectives, strategies
+from ftcli import objectives, probe, strategies
 from ftcli.errors import UserError
 from ftcli.objectives import ObjectiveSettings
 from ftcli.objectives.sft import SftParams
@@ -47,7 +47,8 @@ class _Section(BaseModel):
 
 
 class RetentionSet(_Section):
-    """A dataset scored before and after training to measure forgetting."""
+    """A dataset scored before and after training to measure forgetting; `data: builtin:probe` is the built-in
+    probe (ftcli/probe.py: the loss of the base model's own answers to general prompts)."""
 
     data: str
     format: Literal[SFT_FORMATS] = "alpaca"
@@ -57,6 +58,19 @@ class RetentionSet(_Section):
     limit: int | None = Field(200, ge=1, description="rows scored (the first N); null for all")
     sample: int | None = Field(None, description="with limit: a random sample of rows drawn with this seed")
     fields: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _probe_defaults(cls, data):
+        """The probe's rows are chat rows the base model answers, its measure is their loss, and it scores every
+        prompt unless told otherwise."""
+        if isinstance(data, dict) and data.get("data") == probe.PROBE:
+            if data.get("format", "chat") != "chat" or data.get("metric", "loss") != "loss":
+                raise ValueError(f"{probe.PROBE} is scored by loss on chat rows; leave out format and metric")
+            if set(data) & {"fields", "instruction", "sample"}:
+                raise ValueError(f"{probe.PROBE} has its own prompts: fields, instruction and sample do not apply")
+            data = {"format": "chat", "limit": None, "name": probe.NAME, **data}
+        return data
 
     @model_validator(mode="after")
     def _metric_fits_format(self) -> "RetentionSet":
@@ -129,7 +143,10 @@ class Eval(_Section):
                                   "preference rows)")
     max_new_tokens: int = Field(64, ge=1)
     limit: int | None = Field(200, ge=1, description="validation rows used for generation metrics")
-    retention: list[RetentionSet] = Field(default_factory=list)
+    retention: list[RetentionSet] = Field(
+        default_factory=lambda: [RetentionSet(data=probe.PROBE)],
+        description=f"sets scored before and after training; default: the built-in probe ({probe.PROBE}); [] for "
+                    "none")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -265,7 +282,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
     if recipe.data.chat_template and recipe.data.chat_template.endswith(".jinja"):
         recipe.data.chat_template = fix(recipe.data.chat_template)
     for r in recipe.eval.retention:
-        r.data = fix(r.data)
+        if r.data != probe.PROBE:
+            r.data = fix(r.data)
     if recipe.base_model.startswith(".") or (base / recipe.base_model).is_dir():
         recipe.base_model = str((base / recipe.base_model).resolve())
 

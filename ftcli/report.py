@@ -158,6 +158,10 @@ def render_markdown(s: dict) -> str:
         for r in s["retention"]:
             out.append(f"| {r['name']} | {r['metric']} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
                        f"{_delta(r.get('before'), r.get('after'))} |")
+        if any(r.get("data") == "builtin:probe" for r in s["retention"]):
+            out += ["", "The built-in probe is the loss of the base model's own greedy answers to general prompts "
+                    "written by ftcli: a rise means the tuned model moved away from what the base model said there "
+                    "(drift); it does not say whether answers got better or worse (no reference answers)."]
         out += [""]
     if Path(s.get("plot") or "").name:
         out += ["## Loss", "", f"![loss curves]({s['plot']})", ""]

@@ -124,11 +124,13 @@ def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_s
 def retention_sets(recipe, *, load: bool = False) -> list[EvalSet]:
     """The recipe's `eval.retention` entries as evaluation sets (one metric each); `load` reads their rows now,
     so a missing file or field is an error before any model loads (in `check` as in `train`)."""
+    from ftcli.probe import PROBE
+
     sets = []
     for i, r in enumerate(recipe.eval.retention):
         es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
                      limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
-        if load:
+        if load and r.data != PROBE:  # the probe's rows are the base model's answers: made once it is loaded
             try:
                 es.load()
             except UserError as e:

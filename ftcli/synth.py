@@ -352,7 +352,7 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def synth(teacher: str, *, prompts: Path, out: Path, settings, filters: Filters, fmt: str = "auto",
-          overwrite: bool = False, console=None, log=print, **load_kwargs) -> Record:
+          limit: int | None = None, overwrite: bool = False, console=None, log=print, **load_kwargs) -> Record:
     """Write OUT (JSON lines) and OUT.synth.json; continue an interrupted run of the same command."""
     from ftcli import atomic
     from ftcli.generate import load
@@ -364,6 +364,10 @@ def synth(teacher: str, *, prompts: Path, out: Path, settings, filters: Filters,
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
     items, source = read_prompts(Path(prompts), settings.seed)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit {limit}: give at least 1")
+        items, source = items[:limit], {**source, "limit": limit}
     try:
         teacher_id = fingerprint(teacher)
     except (UserError, OSError):

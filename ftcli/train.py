@@ -101,6 +101,7 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     retention = scoring.retention_sets(recipe, load=True)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                               allow_pickle=allow_pickle, log=log, **strategy.base_loading())
+    retention = _probe_rows(recipe, model, tokenizer, retention, log)
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
                   strategy=strategy)
     model = strategy.prepare(model, ctx)
@@ -111,6 +112,25 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
             lm.enable_input_require_grads()
     objective.prepare(model, ctx, bundle)
     return Setup(recipe, strategy, objective, model, tokenizer, bundle, ctx, retention)
+
+
+def _probe_rows(recipe, model, tokenizer, retention: list, log) -> list:
+    """The built-in probe's rows: the base model's own answers (before any strategy touches it). A model that
+    has no chat template (and a recipe that names none) cannot be asked: the probe is left out, with a note."""
+    from ftcli import probe
+
+    out = []
+    for es in retention:
+        if es.data == probe.PROBE:
+            try:
+                es.examples = probe.examples(model, tokenizer, base=recipe.base_model,
+                                             template=recipe.data.chat_template, limit=es.limit,
+                                             batch_size=max(recipe.training.batch_size, 16), log=log)
+            except UserError as e:
+                log(f"note: the built-in retention probe is skipped: {e}")
+                continue
+        out.append(es)
+    return out
 
 
 def make_optimizer(recipe, named_params):
