@@ -85,7 +85,7 @@ def _print_plan(console, r, p) -> None:
     for name, st in p.splits.items():
         table.add_row(name, f"{st['rows']:,}", f"{st['kept']:,}", f"{st['tokens']:,}", f"{st['trained_tokens']:,}",
                       f"{st['trained_fraction'] * 100:.1f}", f"{st['truncated']:,}",
-                      f"{st['dropped_overlong'] + st['dropped_untrained']:,}")
+                      f"{st['dropped_overlong'] + st['dropped_untrained'] + st['dropped_bad']:,}")
     console.print(table)
     console.print(f"parameters: {p.trainable:,} trainable of {p.total:,} ({p.trainable / max(p.total, 1) * 100:.3f}%)"
                   f" · strategy {r.strategy.name} · {p.steps} optimiser steps")
@@ -104,11 +104,15 @@ def _print_plan(console, r, p) -> None:
     console.print(mem)
     for line in p.notes:
         console.print(f"[yellow]note:[/] {line}")
-    console.rule("one training example (trained span highlighted and between ⟦ ⟧)")
-    text = Text()
-    for seg, trained in p.example:
-        text.append(f"⟦{seg}⟧" if trained else seg, style="bold green" if trained else "dim")
-    console.print(text)
+    what = "one preference pair" if len(p.example) == 2 else "one training example"
+    console.rule(f"{what} (trained span highlighted and between ⟦ ⟧)")
+    for title, segments in p.example:
+        if title:
+            console.print(f"[bold]{title}:[/]")
+        text = Text()
+        for seg, trained in segments:
+            text.append(f"⟦{seg}⟧" if trained else seg, style="bold green" if trained else "dim")
+        console.print(text)
 
 
 @app.command("eval")

@@ -44,11 +44,12 @@ def trained_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _apply_head(head, fn, h, *aligned):
-    return fn(head(h).float(), *aligned)
+    logits = head(h)
+    return fn(logits if logits.dtype == torch.float64 else logits.float(), *aligned)  # at least float32
 
 
 def map_head(model, h: torch.Tensor, fn, *aligned: torch.Tensor) -> torch.Tensor:
-    """`fn(logits [n, vocab] float32, *aligned[n, ...])` over chunks of the positions `h`; per-token results are
+    """`fn(logits [n, vocab] float32 (float64 for a float64 model), *aligned[n, ...])` over chunks of the positions `h`; per-token results are
     concatenated, scalar results summed. With gradients each chunk is checkpointed (its logits are recomputed in
     backward instead of kept)."""
     head = causal_lm(model).get_output_embeddings()

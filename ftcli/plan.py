@@ -17,7 +17,7 @@ class Plan:
     trainable: int
     total: int
     steps: int
-    example: list[tuple[str, bool]]
+    example: list[tuple[str, list[tuple[str, bool]]]]  # (title, decoded (text, trained) segments) per sequence
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)  # MB per part, an estimate
     groups: dict[str, dict] = field(default_factory=dict)  # what trains by group (attention, experts, router, ...)
@@ -28,11 +28,12 @@ class Plan:
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int,
-                    optimized: int | None = None) -> dict[str, float]:
+def memory_estimate(recipe, strategy, model, trainable: int, total: int, optimized: int | None = None,
+                    objective=None) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients, AdamW state, activations
     (of one forward/backward pass: batch × max_len positions, every row full, at most `training.pass_tokens`: an
-    upper bound), and what the strategy keeps besides (EWC's Fisher and anchor). `optimized`: parameters AdamW
+    upper bound), and what the strategy and the objective keep besides (EWC's Fisher and anchor, a DPO reference
+    copy, a teacher). `optimized`: parameters AdamW
     keeps state for, when more than train at once (hft: every parameter that trains in some round)."""
     import torch
 
@@ -41,6 +42,8 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int,
     block_linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
                        if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
     parts = strategy.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+    if objective is not None:
+        parts.update(objective.memory(total=total, strategy=strategy))
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
@@ -61,9 +64,10 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
 
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)
-    objectives.get(recipe.objective)
+    objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
+    objective.preflight(recipe, tokenizer)
     bundle = data_mod.build(recipe, tokenizer)
     retention = scoring.retention_sets(recipe, load=True)  # as train reads them: a bad set fails here too
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
@@ -82,6 +86,9 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                          f"data.max_len={recipe.data.max_len} (data.overlong: {recipe.data.overlong})")
         if st["dropped_untrained"]:
             notes.append(f"{name}: {st['dropped_untrained']} rows had no trained token and were dropped")
+    if bundle.bad_rows.count:
+        notes.append(f"data.on_bad_rows: skip — {bundle.bad_rows.count} bad rows skipped; first: "
+                     + "; ".join(bundle.bad_rows.first[:3]))
     from ftcli import probe
 
     for es in retention:
@@ -104,6 +111,8 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                         if missing and strategy.artifact == "adapter" else ""))
     steps, _ = recipe.total_steps(len(bundle.train))
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
-    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized)
-    example = [seg for enc in bundle.train.encoded[0].sequences for seg in show_mask(tokenizer, enc)]
+    memory = memory_estimate(recipe, strategy, model, trainable, total, optimized, objective)
+    unit = bundle.train.encoded[0]
+    titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
+    example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]
     return Plan(splits, trainable, total, steps, example, notes, memory, groups)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -102,6 +103,12 @@ class Data(_Section):
     overlong: Literal["truncate", "drop"] = Field("truncate", description="rows over max_len")
     packing: bool = True
     limit: int | None = Field(None, ge=1, description="use only the first N rows of train")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="a row that cannot train (a missing field, a preference pair that prefers nothing): "
+        "refuse it naming the row, or skip it and count it in the report")
+    prompt_style: Literal["text", "transcript"] = Field(
+        "text", description="preference rows: a string prompt is one user turn as it is (text), or a 'Human: … "
+        "Assistant: …' transcript split into turns (transcript; the HH-RLHF shape)")
 
     @field_validator("validation")
     @classmethod
@@ -177,7 +184,7 @@ class Recipe(_Section):
         if "format" not in self.data.model_fields_set and self.data.format not in accepted:
             self.data.format = accepted[0]
         if self.data.format not in accepted:
-            raise ValueError(f"data.format {self.data.format!r}: objective {self.objective.name} trains on "
+            raise ValueError(f"data.format: {self.data.format!r}, but objective {self.objective.name} trains on "
                              f"{' or '.join(accepted)} rows")
         if "metrics" not in self.eval.model_fields_set:
             self.eval.metrics = [m for m in self.eval.metrics if not metric_problem(self.data.format, m)]
@@ -284,8 +291,15 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
     for r in recipe.eval.retention:
         if r.data != probe.PROBE:
             r.data = fix(r.data)
-    if recipe.base_model.startswith(".") or (base / recipe.base_model).is_dir():
-        recipe.base_model = str((base / recipe.base_model).resolve())
+
+    def fix_model(spec: str) -> str:  # a local folder (or run) beside the recipe; aliases and hub ids unchanged
+        p = Path(spec).expanduser()
+        if p.is_absolute():
+            return str(p)
+        return str((base / p).resolve()) if spec.startswith(".") or (base / p).is_dir() else spec
+
+    recipe.base_model = fix_model(recipe.base_model)
+    recipe.objective.resolve_paths(fix_model)
 
 
 def default_output(recipe: Recipe) -> Path:
@@ -305,7 +319,11 @@ def format_errors(e: ValidationError, raw: dict, where: str) -> str:
     for err in e.errors():
         path, model = _clean_path(err["loc"], raw)
         key = ".".join(str(p) for p in path) or "(top level)"
-        lines.setdefault(key, []).append(_describe(err, path, model))
+        text = _describe(err, path, model)
+        named = _NAMED.match(text) if not path else None
+        if named:  # a rule across sections (Recipe's validators) names its own key first
+            key, text = named.group(1), named.group(2)
+        lines.setdefault(key, []).append(text)
     out = [f"{where}: {len(lines)} problem{'s' if len(lines) != 1 else ''}"]
     for key, msgs in lines.items():
         unique = list(dict.fromkeys(msgs))
@@ -318,6 +336,9 @@ def format_errors(e: ValidationError, raw: dict, where: str) -> str:
         msg = "; ".join(unique)
         out.append(f"  {key}: {msg}")
     return "\n".join(out)
+
+
+_NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_0-9\[\]]+)+): (.*)$", re.S)
 
 
 def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:

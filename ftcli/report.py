@@ -182,7 +182,7 @@ def render_markdown(s: dict) -> str:
     out += ["## Data", "", "| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, st in s["data"]["splits"].items():
-        dropped = st["dropped_overlong"] + st["dropped_untrained"]
+        dropped = st["dropped_overlong"] + st["dropped_untrained"] + st.get("dropped_bad", 0)
         out.append(f"| {name} | {st['rows']:,} | {st['kept']:,} | {st['tokens']:,} | {st['trained_tokens']:,} | "
                    f"{st['trained_fraction'] * 100:.1f}% | {st['truncated']:,} | {dropped:,} |")
     ex = s["data"].get("example")

@@ -97,6 +97,7 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=log)
+    objective.preflight(recipe, tokenizer)
     bundle = data_mod.build(recipe, tokenizer)
     retention = scoring.retention_sets(recipe, load=True)
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
@@ -414,6 +415,9 @@ class Trainer:
                     state.positions += res.positions
                     state.train_seconds += res.seconds
                     self._log_step(state, res)
+                    notice = self.objective.notice(state.step, res.metrics)
+                    if notice:
+                        self.setup.ctx.log(f"warning: {notice}")
                     for fn in hooks.after_step:
                         fn(state.step, res.loss)
                     rate = state.tokens / max(state.train_seconds, 1e-9)
@@ -521,7 +525,9 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "train_seconds": state.train_seconds,
             "tokens": state.tokens,
         },
-        "data": {"splits": splits, "example": marked_text(show_mask(data.encoder.tokenizer, data.train.encoded[0]))},
+        "data": {"splits": splits, "bad_rows": data.bad_rows.as_dict(),
+                 "example": "\n".join(marked_text(show_mask(data.encoder.tokenizer, enc))
+                                      for enc in data.train.encoded[0].sequences)},
         "strategy_details": strategy.describe(trainer.model),
         "objective_details": setup.objective.describe(),
         "recipe_yaml": recipe.to_yaml(),

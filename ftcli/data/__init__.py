@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ftcli.data.formats import Example, check_fields, label_set, to_example
 from ftcli.data.sources import read_rows
 from ftcli.data.tokenize import Encoded, Encoder, EncodeStats
 from ftcli.errors import UserError
+
+
+@dataclass
+class BadRows:
+    """`data.on_bad_rows`: `error` refuses a bad row (a missing field, a pair that prefers nothing) naming it;
+    `skip` drops it and counts it here, with the first few reasons, for `check` and the report."""
+
+    policy: str = "error"
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+    SHOWN = 10
+
+    def handle(self, error: UserError) -> None:
+        """Raise `error` under policy error; count it under skip."""
+        if self.policy != "skip":
+            raise error
+        self.note(str(error))
+
+    def note(self, reason: str) -> None:
+        self.count += 1
+        if len(self.first) < self.SHOWN:
+            self.first.append(reason)
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "skipped": self.count, "first": self.first}
 
 
 @dataclass
@@ -35,13 +60,16 @@ class DataBundle:
     train: Split
     validation: Split | None
     encoder: Encoder
+    bad_rows: BadRows = field(default_factory=BadRows)
 
 
 def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,
                   system_prompt: str | None = None, instruction: str | None = None,
-                  labels: list[str] | None = None, sample_seed: int | None = None) -> list[Example]:
+                  labels: list[str] | None = None, sample_seed: int | None = None, prompt_style: str = "text",
+                  bad_rows: BadRows | None = None) -> list[Example]:
     """Read and format rows: the first `limit`, or with `sample_seed` a seeded random sample of `limit` rows.
-    Classification rows take their label set from `labels`, else from every row of the source."""
+    Classification rows take their label set from `labels`, else from every row of the source. A row that cannot
+    be formatted is an error naming it, or with `bad_rows` (policy skip) counted there and left out."""
     check_fields(fmt, fields)
     whole = fmt == "classification" or sample_seed is not None
     rows = read_rows(source, split=split, limit=None if whole else limit)
@@ -50,18 +78,35 @@ def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str =
     index = list(range(len(rows)))
     if limit is not None and limit < len(rows):
         index = sorted(random.Random(sample_seed).sample(index, limit)) if sample_seed is not None else index[:limit]
-    return [to_example(rows[i], fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt,
-                       instruction=instruction, labels=labels)
-            for i in index]
+    examples = []
+    for i in index:
+        try:
+            ex = to_example(rows[i], fmt, fields, where=f"{source} row {i}", system_prompt=system_prompt,
+                            instruction=instruction, labels=labels, prompt_style=prompt_style)
+        except UserError as e:
+            if bad_rows is None:
+                raise
+            bad_rows.handle(e)
+            continue
+        ex.row = i
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"data {source}: every one of its {len(index)} rows was bad and skipped "
+                        f"(first: {bad_rows.first[0] if bad_rows and bad_rows.first else '?'})")
+    return examples
 
 
 def encode_split(name: str, examples: list[Example], encoder: Encoder, source: str) -> Split:
-    encoded, stats = encoder.encode_all(examples)
+    try:
+        encoded, stats = encoder.encode_all(examples)
+    except UserError as e:  # a bad row: name its source
+        raise UserError(f"{name} split ({source}): {e}") from None
     kept = [(enc, ex) for enc, ex in zip(encoded, examples) if enc is not None]
     if not kept:
         raise UserError(
             f"{name} split ({source}): 0 trainable tokens in {stats.rows} rows "
-            f"({stats.dropped_overlong} over max_len dropped, {stats.dropped_untrained} with nothing to train). "
+            f"({stats.dropped_overlong} over max_len dropped, {stats.dropped_untrained} with nothing to train, "
+            f"{stats.dropped_bad} bad pairs skipped). "
             "Check data.format, data.fields and data.max_len (`ftcli check` shows a decoded example)."
         )
     return Split(name, [k[0] for k in kept], [k[1] for k in kept], stats, source)
@@ -70,9 +115,10 @@ def encode_split(name: str, examples: list[Example], encoder: Encoder, source: s
 def build(recipe, tokenizer) -> DataBundle:
     """Read, format, encode and split the recipe's data."""
     d = recipe.data
-    encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format)
+    bad = BadRows(d.on_bad_rows)
+    encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format, bad_rows=bad)
     examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt,
-                             instruction=d.instruction)
+                             instruction=d.instruction, prompt_style=d.prompt_style, bad_rows=bad)
     labels = examples[0].choices if d.format == "classification" and examples else None
     validation_examples: list[Example] = []
     val_source = ""
@@ -88,8 +134,9 @@ def build(recipe, tokenizer) -> DataBundle:
         val_source = f"{d.validation:g} of {d.train} (seed {recipe.training.seed})"
     elif isinstance(d.validation, str):
         validation_examples = load_examples(d.validation, d.format, d.fields, system_prompt=d.system_prompt,
-                                            instruction=d.instruction, labels=labels)
+                                            instruction=d.instruction, labels=labels, prompt_style=d.prompt_style,
+                                            bad_rows=bad)
         val_source = d.validation
     train = encode_split("train", examples, encoder, d.train)
     validation = encode_split("validation", validation_examples, encoder, val_source) if validation_examples else None
-    return DataBundle(train, validation, encoder)
+    return DataBundle(train, validation, encoder, bad)

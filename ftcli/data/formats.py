@@ -1,11 +1,18 @@
-"""Row shapes → examples: chat messages (alpaca, chat) or raw text (completion); the field mapping.
+"""Row shapes → examples: chat messages (alpaca, chat, classification, choice, preference) or raw text
+(completion); the field mapping.
 
 A recipe's `data.fields` maps the format's names to the columns of your data, e.g. `{instruction: question,
 output: answer}` for alpaca, or `{messages: conversations, role: from, content: value}` for ShareGPT-style chat.
+
+Preference rows (`prompt`, `chosen`, `rejected`) become a prompt conversation and two completions. Each field is a
+string or a list of chat messages; a string prompt is one user turn as it is (`data.prompt_style: text`) or, with
+`prompt_style: transcript`, a "Human: … Assistant: …" transcript (the shape of Anthropic's HH-RLHF) split into
+turns. With message lists and no prompt column, the prompt is what chosen and rejected share (TRL's implicit prompt).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ftcli.errors import UserError
@@ -16,6 +23,7 @@ FIELDS = {
     "completion": ("text",),
     "classification": ("text", "label"),
     "choice": ("question", "choices", "answer"),
+    "preference": ("prompt", "chosen", "rejected", "role", "content"),
 }
 # The user turn of a classification row: `instruction` (default below; {labels} is the label set) + the text.
 DEFAULT_CLASSIFY = "Classify the text. Answer with one of: {labels}."
@@ -33,10 +41,15 @@ class Example:
     text: str | None = None
     choices: list[str] | None = None  # classification / choice rows: the candidate answers ...
     gold: int | None = None  # ... and the index of the right one
+    rejected: list[dict] | None = None  # preference rows: the rejected conversation (messages is the chosen one)
+    n_prompt: int | None = None  # preference rows: how many messages the shared prompt has
+    row: int | None = None  # the row's index in its source (for errors and the report)
 
     @property
     def prompt(self) -> list[dict]:
-        """The conversation up to (not including) the last assistant turn."""
+        """The conversation up to (not including) the last assistant turn (a preference row's shared prompt)."""
+        if self.n_prompt is not None:
+            return self.messages[: self.n_prompt]
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
         return self.messages[:last]
 
@@ -69,7 +82,7 @@ def _is_number(v: str) -> bool:
 
 
 def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_prompt: str | None = None,
-               instruction: str | None = None, labels: list[str] | None = None) -> Example:
+               instruction: str | None = None, labels: list[str] | None = None, prompt_style: str = "text") -> Example:
     """Convert one row; errors name the file, the row and the missing or bad field."""
     col = {name: fields.get(name, name) for name in FIELDS[fmt]}
 
@@ -83,6 +96,8 @@ def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_p
             )
         return value
 
+    if fmt == "preference":
+        return _preference_example(get, col, where, system_prompt, prompt_style)
     if fmt == "completion":
         text = get("text")
         if not isinstance(text, str):
@@ -104,6 +119,16 @@ def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_p
     raw = get("messages")
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: field '{col['messages']}' must be a non-empty list of messages")
+    messages = _messages(raw, col, where)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: no assistant message, so nothing would be trained")
+    return Example(messages=messages)
+
+
+def _messages(raw: list, col: dict, where: str) -> list[dict]:
+    """Chat messages with the recipe's role/content names, roles normalised (human → user, gpt → assistant)."""
     messages = []
     for j, m in enumerate(raw):
         if not isinstance(m, dict) or col["role"] not in m or col["content"] not in m:
@@ -112,11 +137,60 @@ def to_example(row: dict, fmt: str, fields: dict[str, str], where: str, system_p
         if role not in ROLES:
             raise UserError(f"{where}: message {j} has role {m[col['role']]!r}; expected one of {', '.join(ROLES)}")
         messages.append({"role": role, "content": "" if m[col["content"]] is None else str(m[col["content"]])})
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise UserError(f"{where}: no assistant message, so nothing would be trained")
-    return Example(messages=messages)
+    return messages
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def transcript_turns(text: str) -> list[dict]:
+    """A "\n\nHuman: … \n\nAssistant: …" transcript → chat turns; a final empty "Assistant:" (the prompt's
+    generation header) is dropped, text before the first marker is a user turn."""
+    parts = _TURN.split(text)
+    turns = [{"role": "user", "content": parts[0].strip()}] if parts[0].strip() else []
+    for who, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if who == "Human" else "assistant", "content": content.strip()})
+    if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    return turns
+
+
+def _preference_example(get, col: dict, where: str, system_prompt: str | None, prompt_style: str) -> Example:
+    """prompt + chosen / prompt + rejected: strings or message lists (see the module docstring)."""
+    chosen, rejected = get("chosen"), get("rejected")
+    raw_prompt = get("prompt", required=not (isinstance(chosen, list) and isinstance(rejected, list)))
+
+    def completion(value, name: str) -> list[dict]:
+        if isinstance(value, list):
+            return _messages(value, col, f"{where} ({name})")
+        if not isinstance(value, str):
+            raise UserError(f"{where}: field '{col[name]}' must be a string or a list of messages")
+        return [{"role": "assistant", "content": value.strip()}]
+
+    c, r = completion(chosen, "chosen"), completion(rejected, "rejected")
+    if raw_prompt is None:  # the implicit prompt: the messages chosen and rejected share
+        k = 0
+        while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+            k += 1
+        prompt, c, r = c[:k], c[k:], r[k:]
+    elif isinstance(raw_prompt, list):
+        prompt = _messages(raw_prompt, col, f"{where} (prompt)")
+    elif isinstance(raw_prompt, str):
+        prompt = transcript_turns(raw_prompt) if prompt_style == "transcript" else [
+            {"role": "user", "content": raw_prompt}]
+    else:
+        raise UserError(f"{where}: field '{col['prompt']}' must be a string or a list of messages")
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise UserError(f"{where}: the prompt must end with a user (or system/tool) turn; got "
+                        f"{'nothing' if not prompt else 'an assistant turn'}")
+    for name, side in (("chosen", c), ("rejected", r)):
+        if not any(m["role"] == "assistant" for m in side):
+            raise UserError(f"{where}: '{col[name]}' has no assistant reply to score")
+    if c == r:
+        raise UserError(f"{where}: chosen and rejected are the same reply, so the pair prefers nothing")
+    if system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system_prompt}] + prompt
+    return Example(messages=prompt + c, rejected=prompt + r, n_prompt=len(prompt))
 
 
 def _choice_example(fmt: str, get, col: dict, where: str, instruction: str | None, labels: list[str] | None) -> Example:

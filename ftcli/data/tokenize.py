@@ -21,7 +21,7 @@ CHATML = (
 )
 NAMED_TEMPLATES = {"chatml": CHATML}
 CACHE_MIN_ROWS = 256  # smaller sets encode faster than a cache file is read
-CACHE_VERSION = "1"  # bump when the encoding rules change
+CACHE_VERSION = "2"  # bump when the encoding rules change (2: preference pairs, bad-row policy)
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # how a trained span is shown in text (check, report)
 
 
@@ -81,6 +81,7 @@ class EncodeStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_untrained: int = 0
+    dropped_bad: int = 0  # preference pairs refused as bad and skipped (data.on_bad_rows: skip)
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -120,8 +121,9 @@ class Encoder:
     """Turns examples into `Encoded` rows with one tokenizer, template and length policy."""
 
     def __init__(self, tokenizer, template: str | None = None, max_len: int = 512, overlong: str = "truncate",
-                 format: str = "chat"):
+                 format: str = "chat", bad_rows=None):
         self.tokenizer = tokenizer
+        self.bad_rows = bad_rows  # data.BadRows: what to do with a pair that cannot train (None: refuse it)
         self.format = format
         self.template = resolve_template(tokenizer, template) if format != "completion" else None
         self.max_len = max_len
@@ -182,12 +184,13 @@ class Encoder:
         tok = self.tokenizer
         backend = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok.get_vocab())
         parts = [backend, str(self.template), str(self.max_len), self.overlong, self.format, str(self.bos_id),
-                 str(self.eos_id), str(self.eot), CACHE_VERSION]
+                 str(self.eos_id), str(self.eot), CACHE_VERSION, self.bad_rows.policy if self.bad_rows else "error"]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
-    def encode_all(self, examples: list[Example]) -> tuple[list[Encoded | None], EncodeStats]:
-        """Encode many examples; None where a row is dropped, counted in the stats. Large sets are cached on disk
-        (under the cache root's tokenized/, keyed by the examples and `fingerprint`), so a rerun skips this."""
+    def encode_all(self, examples: list[Example]) -> tuple[list[Encoded | EncodedPair | None], EncodeStats]:
+        """Encode many examples (pairs for preference rows); None where a row is dropped, counted in the stats.
+        Large sets are cached on disk (under the cache root's tokenized/, keyed by the examples and `fingerprint`),
+        so a rerun skips this."""
         if len(examples) < CACHE_MIN_ROWS:
             return self._encode_all(examples)
         import hashlib
@@ -198,26 +201,28 @@ class Encoder:
 
         h = hashlib.sha256(self.fingerprint().encode())
         for ex in examples:
-            h.update(json.dumps([ex.messages, ex.text], sort_keys=True).encode())
+            h.update(json.dumps([ex.messages, ex.text, ex.rejected, ex.n_prompt], sort_keys=True).encode())
         path = cache_root() / "tokenized" / f"{h.hexdigest()}.json"
         if path.is_file():
             try:
                 doc = json.loads(path.read_text())
-                rows = [None if r is None else Encoded(r[0], [bool(b) for b in r[1]], bool(r[2])) for r in doc["rows"]]
-                return rows, EncodeStats(**doc["stats"])
+                return [_from_json(r) for r in doc["rows"]], EncodeStats(**doc["stats"])
             except (ValueError, KeyError, TypeError, IndexError):
                 pass  # a damaged cache file is rebuilt
         rows, stats = self._encode_all(examples)
-        doc = {"rows": [None if r is None else [r.input_ids, [int(b) for b in r.trained], r.truncated] for r in rows],
-               "stats": stats.__dict__}
+        doc = {"rows": [_to_json(r) for r in rows], "stats": stats.__dict__}
         try:
             atomic.write_text(path, json.dumps(doc, separators=(",", ":")))
         except OSError:
             pass  # a read-only cache is not an error
         return rows, stats
 
-    def _encode_all(self, examples: list[Example]) -> tuple[list[Encoded | None], EncodeStats]:
+    def _encode_all(self, examples: list[Example]) -> tuple[list[Encoded | EncodedPair | None], EncodeStats]:
         stats = EncodeStats(rows=len(examples))
+        if self.format == "preference":
+            out = self._encode_pairs(examples, stats)
+            _count(out, stats)
+            return out, stats
         if self.format == "completion":
             texts = [ex.text for ex in examples]
             spans = [[(0, len(t))] for t in texts]
@@ -235,12 +240,61 @@ class Encoder:
                 ids, trained = [self.bos_id] + ids, [False] + trained
             enc = self._limit(Encoded(list(ids), trained), stats)
             out.append(enc)
-        for enc in out:
-            if enc is not None:
-                stats.kept += 1
-                stats.tokens += len(enc.input_ids)
-                stats.trained_tokens += enc.n_trained
+        _count(out, stats)
         return out, stats
+
+    def _encode_pairs(self, examples: list[Example], stats: EncodeStats) -> list[EncodedPair | None]:
+        """prompt + chosen and prompt + rejected: the prompt rendered with the generation header and tokenised once
+        (both sides share its tokens, one BOS), each completion tokenised on its own; trained: each completion's
+        assistant turns and end-of-turn token, as in SFT."""
+        prompts, tails, spans = [], [], []
+        for ex in examples:
+            prompt = self.render(ex.prompt, add_generation_prompt=True)
+            prompts.append(prompt)
+            for messages in (ex.messages, ex.rejected):
+                text, sp = self.trained_spans(messages)
+                if not text.startswith(prompt):
+                    raise UserError(f"row {ex.row}: the chat template renders the prompt differently inside the "
+                                    "conversation, so the completion cannot be separated; set data.chat_template")
+                tails.append(text[len(prompt):])
+                spans.append([(s - len(prompt), e - len(prompt)) for s, e in sp if s >= len(prompt)])
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        batch = self.tokenizer(tails, add_special_tokens=False, return_offsets_mapping=True)
+        sides = [(ids, [any(s <= a < e for s, e in sp) for a, _ in offsets])
+                 for ids, offsets, sp in zip(batch["input_ids"], batch["offset_mapping"], spans)]
+        return [self._limit_pair(ex, self._one_bos(list(p)), sides[2 * i], sides[2 * i + 1], stats)
+                for i, (ex, p) in enumerate(zip(examples, prompt_ids))]
+
+    def _limit_pair(self, ex: Example, prompt: list[int], chosen, rejected, stats: EncodeStats) -> EncodedPair | None:
+        """Both sides cut alike to max_len: the prompt loses its oldest tokens (never below half of max_len, the BOS
+        kept), then both completions are cut to what is left. A side with nothing left to train is a bad row."""
+        longest = max(len(chosen[0]), len(rejected[0]))
+        truncated = len(prompt) + longest > self.max_len
+        if truncated:
+            if self.overlong == "drop":
+                stats.dropped_overlong += 1
+                return None
+            keep = max(self.max_len // 2, self.max_len - longest)
+            if len(prompt) > keep:
+                head = prompt[:1] if self.bos_id is not None else []
+                prompt = head + prompt[len(prompt) - (keep - len(head)):]
+        room = self.max_len - len(prompt)
+        (c_ids, c_tr), (r_ids, r_tr) = ((ids[:room], tr[:room]) for ids, tr in (chosen, rejected))
+        problem = None
+        if not any(c_tr) or not any(r_tr):
+            problem = f"an empty completion after truncation to data.max_len {self.max_len}"
+        elif c_ids == r_ids:
+            problem = "chosen and rejected are the same tokens" + (" after truncation" if truncated else "")
+        if problem:
+            if self.bad_rows is None or self.bad_rows.policy == "error":
+                raise UserError(f"row {ex.row}: {problem} (data.on_bad_rows: skip drops such pairs and counts them)")
+            stats.dropped_bad += 1
+            self.bad_rows.note(f"row {ex.row}: {problem}")
+            return None
+        stats.truncated += truncated
+        n = len(prompt)
+        return EncodedPair(Encoded(prompt + c_ids, [False] * n + c_tr, truncated),
+                           Encoded(prompt + r_ids, [False] * n + r_tr, truncated))
 
     def encode(self, example: Example) -> Encoded | None:
         return self.encode_all([example])[0][0]
@@ -262,6 +316,27 @@ class Encoder:
         if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
+
+
+def _count(rows: list, stats: EncodeStats) -> None:
+    for unit in rows:
+        if unit is not None:
+            stats.kept += 1
+            stats.tokens += unit.length
+            stats.trained_tokens += unit.n_trained
+
+
+def _to_json(unit):
+    if unit is None:
+        return None
+    return [[e.input_ids, [int(b) for b in e.trained], e.truncated] for e in unit.sequences]
+
+
+def _from_json(doc):
+    if doc is None:
+        return None
+    seqs = [Encoded(ids, [bool(b) for b in trained], bool(truncated)) for ids, trained, truncated in doc]
+    return seqs[0] if len(seqs) == 1 else EncodedPair(*seqs)
 
 
 def show_mask(tokenizer, enc: Encoded) -> list[tuple[str, bool]]:

@@ -7,10 +7,14 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from ftcli.objectives.base import Objective, ObjectiveParams
+from ftcli.objectives.distill import Distill, DistillParams
+from ftcli.objectives.dpo import Dpo, DpoParams
 from ftcli.objectives.sft import Sft, SftParams
 
 REGISTRY: dict[str, tuple[type, type[Objective]]] = {
     "sft": (SftParams, Sft),
+    "dpo": (DpoParams, Dpo),
+    "distill": (DistillParams, Distill),
 }
 
 # The union a recipe's `objective:` validates against, discriminated on `name`.

@@ -27,6 +27,10 @@ class ObjectiveParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def resolve_paths(self, fix) -> None:
+        """Resolve the model paths among the settings (a teacher) with `fix`, as recipe.resolve_paths does
+        base_model; default none."""
+
 
 class Objective:
     name: ClassVar[str]
@@ -38,6 +42,9 @@ class Objective:
         self.params = params
 
     # -- the interface ---------------------------------------------------------------------------------------
+    def preflight(self, recipe, tokenizer) -> None:
+        """Refuse what cannot work before any weight loads (a teacher with another tokenizer); `check` runs it."""
+
     def prepare(self, model: "torch.nn.Module", ctx: "Context", data: "DataBundle") -> None:
         """Build what the objective needs besides the model. Called once the strategy has prepared the model and
         before a resume restores trained weights, so `model` is still the untrained one here."""
@@ -54,6 +61,14 @@ class Objective:
     def loss_sum(self, model: "torch.nn.Module", batch: "Batch") -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
         """(Σ of the loss over the batch, {metric: Σ over the batch}) — sums, divided by the step's count."""
         raise NotImplementedError
+
+    def memory(self, *, total: int, strategy) -> dict[str, float]:
+        """Bytes by part that the objective keeps besides the model (a reference copy, a teacher); default none."""
+        return {}
+
+    def notice(self, step: int, metrics: dict[str, float]) -> str | None:
+        """A warning worth printing after optimiser step `step` (1-based), given its metrics; default none."""
+        return None
 
     def describe(self) -> dict:
         """Facts for the report (the reference used, the teacher, caches); default nothing."""
