@@ -119,7 +119,7 @@ def _print_plan(console, r, p) -> None:
 def eval_(
     model: str = typer.Argument(..., help="a built-in alias, a model folder, a run folder, or an adapter (with --base)"),
     data: Path = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet rows to score"),
-    format: str = typer.Option("alpaca", "--format", "-f", help=" | ".join(SFT_FORMATS)),
+    format: str = typer.Option("auto", "--format", "-f", help="auto (from the rows' fields) | " + " | ".join(SFT_FORMATS)),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m",
                                           help=f"comma-separated: {', '.join(METRICS)} (default: by format)"),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", help="score only N rows (the first N)"),
@@ -147,8 +147,8 @@ def eval_(
             raise UserError(f"--field {item!r}: expected name=column")
         k, v = item.split("=", 1)
         fields[k.strip()] = v.strip()
-    if format not in SFT_FORMATS:
-        raise UserError(f"--format {format!r}: choose from {', '.join(SFT_FORMATS)}")
+    if format not in ("auto", *SFT_FORMATS):
+        raise UserError(f"--format {format!r}: choose from auto, {', '.join(SFT_FORMATS)}")
     es = scoring.EvalSet(data=str(data), format=format, fields=fields, limit=limit, sample_seed=sample,
                          metrics=[m.strip() for m in metrics.split(",") if m.strip()] if metrics else [],
                          instruction=instruction)

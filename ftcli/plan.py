@@ -62,6 +62,9 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
+    from ftcli.recipe import resolve_formats
+
+    resolve_formats(recipe)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)
     objective = objectives.get(recipe.objective)
@@ -109,7 +112,16 @@ def describe(recipe, *, allow_pickle: bool = False, log=print) -> Plan:
                      + (f"; {per:,} trainable parameters per expert (all blocks)" if per else "")
                      + (f"; not trained: {', '.join(missing)} (name them in strategy.target_modules)"
                         if missing and strategy.artifact == "adapter" else ""))
-    steps, _ = recipe.total_steps(len(bundle.train))
+    for key, what in recipe.inferred.items():
+        notes.append(f"{key}: auto → {what}")
+    mixture = bundle.train.mixture
+    if mixture is not None:
+        asked = mixture.asked()
+        for p in mixture.parts:
+            how = f"weight {p.weight:g}" if p.weight is not None else f"repeat {p.repeat:g}"
+            notes.append(f"mixture: {p.name} ({p.format}, {p.rows:,} training rows, {p.stats.tokens:,} tokens): "
+                         f"{how}, {asked[p.name]:.1%} of the {mixture.epoch_size:,} examples an epoch draws")
+    steps, _ = recipe.total_steps(bundle.train.epoch_size)
     optimized = sum(q.numel() for _, q in strategy.train_params(model))
     memory = memory_estimate(recipe, strategy, model, trainable, total, optimized, objective)
     unit = bundle.train.encoded[0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftcli.errors import UserError
-from ftcli.vocab import DEFAULT_METRICS, SFT_FORMATS, check_metrics
+from ftcli.vocab import AUTO, DEFAULT_METRICS, SFT_FORMATS, check_metrics
 
 EVAL_MAX_LEN = 4096  # rows are never truncated for scoring below this length (a cut answer would score wrong)
 
@@ -23,7 +23,7 @@ class EvalSet:
     """One dataset and what to measure on it."""
 
     data: str
-    format: str = "alpaca"
+    format: str = AUTO
     metrics: list[str] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     name: str = ""
@@ -43,6 +43,10 @@ class EvalSet:
         return self.examples
 
     def __post_init__(self):
+        if self.format == AUTO:  # the format the rows' fields fit
+            from ftcli.data import infer_source_format
+
+            self.format, _ = infer_source_format(self.data, self.fields, split=self.split, where="--format auto")
         if self.format not in SFT_FORMATS:
             raise UserError(f"format {self.format!r}: choose from {', '.join(SFT_FORMATS)}")
         self.metrics = list(self.metrics or DEFAULT_METRICS[self.format])

@@ -92,6 +92,9 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     from ftcli import data as data_mod
     from ftcli import models, objectives, strategies
 
+    from ftcli.recipe import resolve_formats
+
+    resolve_formats(recipe)  # format: auto (a recipe from recipe.load is resolved already; this is a no-op then)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy)  # before any weight is loaded
     objective = objectives.get(recipe.objective)
@@ -251,6 +254,12 @@ class Evaluator:
             out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
                                           max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
                                           autocast=self.autocast))
+        if generation and split.mixture is not None:  # a mixture: the loss of each dataset's held-out rows too
+            out["datasets"] = {
+                name: {"loss": self.objective.evaluate(self.model, units, batch_size=r.training.batch_size,
+                                                       pad_id=self.pad_id, packing=d.packing, pack_len=d.max_len,
+                                                       autocast=self.autocast)["loss"]}
+                for name, units in split.mixture.subsets(split.encoded).items() if units}
         record = {"kind": "eval", "step": step}
         for k, v in out.items():
             if isinstance(v, float) and k not in ("rows_per_s", "count"):
@@ -300,7 +309,7 @@ class Trainer:
         if not self.named:
             raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
         optimizer = make_optimizer(self.recipe, self.named)
-        self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train))
+        self.steps, self.per_epoch = self.recipe.total_steps(setup.data.train.epoch_size)
         scheduler = make_scheduler(self.recipe, optimizer, self.steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(setup.model, optimizer, scheduler)
         if t.compile:
@@ -332,14 +341,28 @@ class Trainer:
     # -- one optimiser step --------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list:
         """The collated micro-batches of optimiser step `step` (0-based), from the epoch's seeded plan."""
-        t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
+        d, train = self.recipe.data, self.setup.data.train
         epoch, index = divmod(step, self.per_epoch)
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size, t.grad_accum, t.seed, epoch,
-                                             bucket=not d.packing)}
         return [to_device(self.objective.collate([train.encoded[i] for i in mb], self.pad_id, d.packing, d.max_len),
                           self.device)
-                for mb in self._plans[epoch][index]]
+                for mb in self.plan(epoch)[index]]
+
+    def plan(self, epoch: int) -> list:
+        """Epoch `epoch`'s steps → micro-batches → row indices (batching.plan_epoch; a mixture draws the order)."""
+        t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size, t.grad_accum, t.seed, epoch,
+                                             bucket=not d.packing, order=train.epoch_order(t.seed, epoch))}
+        return self._plans[epoch]
+
+    def drawn(self, steps: int) -> dict[str, int]:
+        """A mixture: how many examples the first `steps` optimiser steps took from each dataset."""
+        mixture = self.setup.data.train.mixture
+        indices = []
+        for step in range(steps):
+            epoch, index = divmod(step, self.per_epoch)
+            indices += [i for mb in self.plan(epoch)[index] for i in mb]
+        return mixture.counts(indices)
 
     def step(self, step: int) -> StepResult:
         """Compute optimiser step `step` (0-based) and apply it, unless its loss is not finite."""
@@ -472,6 +495,12 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
     for fn in hooks.at_end:
         fn(model)
     summary = _summary(setup, trainer, state, status, message, started, after)
+    mixture = setup.data.train.mixture
+    if mixture is not None:  # right after the run: the counts a reader looks for first
+        validation = setup.data.validation.mixture if setup.data.validation is not None else None
+        section = mixture.summary(trainer.drawn(state.step), validation, (state.before or {}).get("datasets", {}),
+                                  after.get("datasets", {}))
+        summary = {"run": summary.pop("run"), "mixture": section, **summary}
     summary["retention"] = _retention_rows(evaluator.retention, state.retention_before or [], retention_after)
     report.write_report(folder.path, summary, trainer.metrics_log.read())
     if status != "finished":
@@ -525,7 +554,8 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "train_seconds": state.train_seconds,
             "tokens": state.tokens,
         },
-        "data": {"splits": splits, "bad_rows": data.bad_rows.as_dict(),
+        "data": {"format": recipe.data.format, "inferred": dict(recipe.inferred), "splits": splits,
+                 "bad_rows": data.bad_rows.as_dict(),
                  "example": "\n".join(marked_text(show_mask(data.encoder.tokenizer, enc))
                                       for enc in data.train.encoded[0].sequences)},
         "strategy_details": strategy.describe(trainer.model),

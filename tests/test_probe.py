@@ -90,3 +90,6 @@ def test_a_run_reports_the_probe_before_and_after(run_cli, tiny_model_dir, tiny_
                                                                                   "report.md").read_text()
     code, out, _ = run_cli("check", recipe)
     assert "the built-in probe, 8 general prompts" in out
+    from ftcli.run_folder import RunFolder
+
+    assert RunFolder(tmp_path / "run").recipe.eval.retention[0].data == probe.PROBE  # the resolved recipe reloads

@@ -120,7 +120,7 @@ class Hft(Strategy):
         p: HftParams = self.params
         self.seed = p.seed if p.seed is not None else ctx.recipe.training.seed
         self.blocks = int(model.config.num_hidden_layers)
-        rows = len(ctx.train_data) if ctx.train_data is not None else 1
+        rows = ctx.train_data.epoch_size if ctx.train_data is not None else 1
         self.round_steps = p.round_steps or ctx.recipe.total_steps(rows)[1]
         self.run_dir = ctx.run_dir
         self.dry_run = ctx.dry_run
