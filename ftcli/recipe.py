@@ -285,13 +285,13 @@ class Recipe(_Section):
                 where = f"data.train ({e.name})" if mixture else "data.format"
                 raise ValueError(f"{where}: {e.format!r}, but objective {self.objective.name} trains on "
                                  f"{' or '.join(accepted)} rows")
+        # a metric scores the validation rows of every dataset whose format allows it (a mixture: at least one)
         if "metrics" not in self.eval.model_fields_set:
-            self.eval.metrics = [m for m in self.eval.metrics if not any(metric_problem(f, m) for f in formats)]
+            self.eval.metrics = [m for m in self.eval.metrics if not all(metric_problem(f, m) for f in formats)]
         for m in self.eval.metrics:
-            for e in self.data.entries:
-                problem = metric_problem(e.format, m)
-                if problem:
-                    raise ValueError(f"eval.metrics: {problem}" + (f" (dataset {e.name})" if mixture else ""))
+            if all(metric_problem(f, m) for f in formats):
+                raise ValueError(f"eval.metrics: {metric_problem(formats[0], m)}"
+                                 + (" (no dataset of the mixture has such rows)" if mixture else ""))
         for i, r in enumerate(self.eval.retention):
             if r.format != AUTO and metric_problem(r.format, r.metric):
                 raise ValueError(f"eval.retention[{i}]: {metric_problem(r.format, r.metric)}")
@@ -355,7 +355,12 @@ def resolve_formats(recipe: Recipe) -> None:
     from ftcli.data import infer_source_format
     from ftcli.probe import PROBE
 
+    def missing(source: str) -> bool:  # a local file not there (yet): inferred when the data is built
+        return source.endswith(DATA_SUFFIXES) and not Path(source).is_file()
+
     d = recipe.data
+    if any(missing(e.data) for e in d.entries if e.format == AUTO):
+        return
     for i, e in enumerate(d.entries):
         if e.format == AUTO:
             key = f"data.train[{i}] ({e.name})" if isinstance(d.train, list) else "data.format"
@@ -369,7 +374,7 @@ def resolve_formats(recipe: Recipe) -> None:
         formats = list(dict.fromkeys(d.formats))  # the data's format: what the mixture shares, else a chat one
         d.format = formats[0] if len(formats) == 1 else next(f for f in formats + ["chat"] if f != "completion")
     for i, r in enumerate(recipe.eval.retention):
-        if r.format == AUTO and r.data != PROBE:
+        if r.format == AUTO and r.data != PROBE and not missing(r.data):
             key = f"eval.retention[{i}]"
             fmt, seen = infer_source_format(r.data, r.fields, where=key)
             recipe.inferred[key] = f"{fmt} (fields {', '.join(seen)})"

@@ -132,13 +132,13 @@ def retention_sets(recipe, *, load: bool = False) -> list[EvalSet]:
 
     sets = []
     for i, r in enumerate(recipe.eval.retention):
-        es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
-                     limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
-        if load and r.data != PROBE:  # the probe's rows are the base model's answers: made once it is loaded
-            try:
+        try:
+            es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
+                         limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
+            if load and r.data != PROBE:  # the probe's rows are the base model's answers: made once it is loaded
                 es.load()
-            except UserError as e:
-                raise UserError(f"eval.retention[{i}]: {e}") from None
+        except UserError as e:
+            raise UserError(f"eval.retention[{i}]: {e}") from None
         sets.append(es)
     return sets
 

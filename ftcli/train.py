@@ -245,13 +245,15 @@ class Evaluator:
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
         wanted = r.eval.metrics
         if generation and set(CANDIDATES) & set(wanted):
-            rows = split.examples[: r.eval.limit] if r.eval.limit else split.examples
+            rows = [ex for ex in split.examples if ex.choices]  # a mixture: its classification / choice rows
+            rows = rows[: r.eval.limit] if r.eval.limit else rows
             whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
             acc = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size,
                                   autocast=self.autocast)["accuracy"]
             out.update({m: acc for m in CANDIDATES if m in wanted})
         if generation:
-            out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
+            prompted = [ex for ex in split.examples if ex.messages is not None]  # a mixture: not its completion rows
+            out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, prompted, wanted,
                                           max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
                                           autocast=self.autocast))
         if generation and split.mixture is not None:  # a mixture: the loss of each dataset's held-out rows too

@@ -9,8 +9,10 @@ the output folder.
     python scripts/evidence_strategies.py --steps 40 --out runs/evidence     # then see runs/evidence/strategies.md
     python scripts/evidence_strategies.py --strategies full,hft,ewc@1 --lr 5e-5 --out runs/evidence-5e-5
 
-`ewc@L` is ewc (inner full) at λ = L (plain `ewc`: λ = 100). `--lr` sets the learning rate of full, hft and ewc
-(lora keeps its own, 5e-4).
+`ewc@L` is ewc (inner full) at λ = L (plain `ewc`: λ = 100). `mix@W` is full fine-tuning on a weighted mixture:
+SST-2 at weight 1 − W and Alpaca train rows (general instructions, not the Alpaca test rows scored for retention) at
+weight W, for the same steps and batch (so it sees fewer SST-2 rows). `--lr` sets the learning rate of full, hft,
+ewc and mix (lora keeps its own, 5e-4).
 """
 
 from __future__ import annotations
@@ -37,24 +39,39 @@ LR = {"full": 1e-5, "hft": 1e-5, "ewc": 1e-5, "lora": 5e-4}
 
 
 def strategy(name: str) -> dict:
-    """A strategy of the table, or `ewc@L`: ewc at λ = L."""
+    """A strategy of the table, `ewc@L`: ewc at λ = L, or `mix@W`: full on a mixture."""
     if name.startswith("ewc@"):
         return {**STRATEGIES["ewc"], "lambda": float(name[4:])}
+    if name.startswith("mix@"):
+        return STRATEGIES["full"]
     return STRATEGIES[name]
 
 
 def learning_rate(name: str, args) -> float:
     base = name.split("@")[0]
+    base = "full" if base == "mix" else base
     return args.lr if args.lr is not None and base != "lora" else LR[base]
+
+
+def data(name: str, args) -> dict:
+    rows = args.steps * args.batch
+    sst2 = {"data": str(SHARED / "sst2" / "train.jsonl"), "validation": str(SHARED / "sst2" / "validation.jsonl"),
+            "format": "classification", "fields": {"label": "label_text"}}
+    if not name.startswith("mix@"):
+        return {"train": sst2["data"], "validation": sst2["validation"], "format": "classification",
+                "fields": sst2["fields"], "limit": rows, "max_len": 256}
+    general = float(name[4:])
+    return {"train": [{**sst2, "name": "sst2", "weight": 1 - general, "limit": rows},
+                      {"data": str(SHARED / "alpaca" / "train.jsonl"), "name": "alpaca", "format": "alpaca",
+                       "weight": general, "limit": rows, "sample": 0, "validation": None}],
+            "max_len": 256}
 
 
 def recipe(name: str, args) -> dict:
     return {
         "base_model": "smollm2-135m-instruct",
         "strategy": strategy(name),
-        "data": {"train": str(SHARED / "sst2" / "train.jsonl"), "validation": str(SHARED / "sst2" / "validation.jsonl"),
-                 "format": "classification", "fields": {"label": "label_text"}, "limit": args.steps * args.batch,
-                 "max_len": 256},
+        "data": data(name, args),
         "training": {"max_steps": args.steps, "batch_size": args.batch, "lr": learning_rate(name, args), "warmup": 0.1,
                      "seed": 0,
                      "precision": args.precision},
@@ -119,7 +136,8 @@ def main() -> None:
     for name, rep, ret, wall in rows:
         b, a = rep["before"], rep["after"]
         al, mm = ret["alpaca test (loss)"], ret["mmlu test (choice)"]
-        label = f"ewc λ={name[4:]}" if name.startswith("ewc@") else name
+        label = (f"ewc λ={name[4:]}" if name.startswith("ewc@") else
+                 f"full + mix (Alpaca weight {name[4:]})" if name.startswith("mix@") else name)
         lines.append(f"| {label} | {learning_rate(name, args):g} | {rep['parameters']['trainable']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
                      f"{al['before']:.4f} → {al['after']:.4f} ({al['change']:+.4f}) | "
                      f"{mm['before']:.3f} → {mm['after']:.3f} ({mm['change']:+.3f}) | {wall:.0f} |")

@@ -198,3 +198,29 @@ def test_mixture_recipe_errors():
     ok = recipe_mod.validate({"data": {"train": [{"data": "a.jsonl"}, {"data": "b.jsonl", "repeat": 2}],
                                        "validation": 0.2}})
     assert [(e.name, e.repeat, e.validation) for e in ok.data.train] == [("a", 1.0, 0.2), ("b", 2.0, 0.2)]
+
+
+def test_a_metric_scores_the_datasets_whose_rows_allow_it(tmp_path, tiny_model_dir, run_cli):
+    """accuracy in a mixture of classification and alpaca rows: the classification rows' accuracy, as `ftcli eval`
+    gives on those rows alone; a metric no dataset allows is refused."""
+    words = ["good", "great", "bad", "awful", "fine", "poor"]
+    cls = write_jsonl(tmp_path / "c.jsonl", [{"text": f"the film was {words[i % 6]}", "label": "pos" if i % 6 in
+                                              (0, 1, 4) else "neg"} for i in range(40)])
+    val = write_jsonl(tmp_path / "c_val.jsonl", [{"text": f"it was {w}", "label": "pos" if w in ("good", "fine")
+                                                  else "neg"} for w in words])
+    a, _ = two_tasks(tmp_path)
+    recipe = make_recipe(tmp_path, tiny_model_dir, a, data={
+        "train": [{"data": str(cls), "name": "cls", "weight": 1, "validation": str(val)},
+                  {"data": str(a), "name": "add", "weight": 1, "validation": 0.1}],
+        "format": "auto", "validation": None, "max_len": 64},
+        eval={"metrics": ["loss", "accuracy"]}, training={"max_steps": 2, "batch_size": 4, "lr": 1e-2})
+    code, _, err = run_cli("train", recipe)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    code, _, err = run_cli("eval", tmp_path / "run", "--data", val, "--metrics", "accuracy", "--json",
+                           tmp_path / "s.json")
+    assert code == 0, err
+    alone = json.loads((tmp_path / "s.json").read_text())["models"][str(tmp_path / "run")]["accuracy"]
+    assert rep["after"]["accuracy"] == pytest.approx(alone)
+    with pytest.raises(UserError, match="no dataset of the mixture has such rows"):
+        recipe_mod.load(recipe, ["eval.metrics=[loss, choice]", f"data.train=[{{data: {a}, weight: 1}}]"])
