@@ -112,9 +112,10 @@ class Generator:
         from ftcli.runtime import autocast
 
         self.target, self.tokenizer = target, target.tokenizer
+        asked_template = template is not None  # --chat-template overrides a completion run's plain text
         template = template or target.template
         has_template = template is not None or bool(getattr(self.tokenizer, "chat_template", None))
-        self.raw = raw or target.format == "completion" or not has_template
+        self.raw = raw or (target.format == "completion" and not asked_template) or not has_template
         if self.raw and not raw:
             self.why_raw = ("the run trained on completion rows" if target.format == "completion"
                             else "the tokenizer has no chat template")

@@ -35,6 +35,7 @@ import re
 import string
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -413,7 +414,7 @@ def synth(teacher: str, *, prompts: Path, out: Path, settings, filters: Filters,
     bar, task = _progress(console, chunks, rec.chunks_done, rec.counts["kept"])
     t0 = time.perf_counter() - rec.seconds
     try:
-        with bar or _Null():
+        with bar or nullcontext():
             for c in range(rec.chunks_done, chunks):
                 part = items[c * B : (c + 1) * B]
                 gens = gen([p.value for p in part], settings, seed=chunk_seed(settings.seed, c))
@@ -506,11 +507,3 @@ def _progress(console, total: int, done: int, kept: int):
                    TextColumn("{task.fields[kept]} kept"), TimeElapsedColumn(), TextColumn("left"),
                    TimeRemainingColumn(), console=console)
     return bar, bar.add_task("synth", total=total, completed=done, kept=kept)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
