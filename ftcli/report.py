@@ -182,8 +182,9 @@ def render_markdown(s: dict) -> str:
     out += ["## Data", ""]
     if s["data"].get("format"):
         inferred = s["data"].get("inferred") or {}
-        out += [f"Format: {s['data']['format']}" + (" (" + "; ".join(f"{k}: auto → {v}" for k, v in inferred.items())
-                                                   + ")" if inferred else ""), ""]
+        shown = "per dataset, below" if s.get("mixture") else s["data"]["format"]
+        out += [f"Format: {shown}" + (" (" + "; ".join(f"{k}: auto → {v}" for k, v in inferred.items()) + ")"
+                                      if inferred else ""), ""]
     out += _mixture_table(s.get("mixture"))
     out += ["| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
