@@ -103,6 +103,13 @@ def _print_plan(console, r, p) -> None:
     console.print(f"global batch: {r.global_batch(p.processes)} rows per step = batch_size {t.batch_size} × grad_accum "
                   f"{t.grad_accum} × {p.processes} process{'es' if p.processes > 1 else ''}"
                   + (f" ({t.distributed})" if p.processes > 1 else ""))
+    if p.groups:
+        groups = Table(title="what trains, by group", title_justify="left")
+        for col in ("group", "weights trained or adapted", "trainable parameters"):
+            groups.add_column(col, justify="left" if col == "group" else "right")
+        for name, g in p.groups.items():
+            groups.add_row(name, f"{g['weights']:,}", f"{g['trainable']:,}")
+        console.print(groups)
     mem = Table(title="training memory per process, estimated (MB)", title_justify="left")
     mem.add_column("part")
     mem.add_column("MB", justify="right")
@@ -127,7 +134,7 @@ def _print_plan(console, r, p) -> None:
 def eval_(
     model: str = typer.Argument(..., help="a built-in alias, a model folder, a run folder, or an adapter (with --base)"),
     data: Path = typer.Option(..., "--data", "-d", help=".jsonl/.json/.csv/.parquet rows to score"),
-    format: str = typer.Option("alpaca", "--format", "-f", help=" | ".join(SFT_FORMATS)),
+    format: str = typer.Option("auto", "--format", "-f", help="auto (from the rows' fields) | " + " | ".join(SFT_FORMATS)),
     metrics: Optional[str] = typer.Option(None, "--metrics", "-m",
                                           help=f"comma-separated: {', '.join(METRICS)} (default: by format)"),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="score only N rows (the first N)"),
@@ -155,8 +162,8 @@ def eval_(
             raise UserError(f"--field {item!r}: expected name=column")
         k, v = item.split("=", 1)
         fields[k.strip()] = v.strip()
-    if format not in SFT_FORMATS:
-        raise UserError(f"--format {format!r}: choose from {', '.join(SFT_FORMATS)}")
+    if format not in ("auto", *SFT_FORMATS):
+        raise UserError(f"--format {format!r}: choose from auto, {', '.join(SFT_FORMATS)}")
     if json_out is not None and json_out.is_dir():
         raise UserError(f"--json {json_out}: a folder; give the name of the JSON file to write")
     es = scoring.EvalSet(data=str(data), format=format, fields=fields, limit=limit, sample_seed=sample,
@@ -339,6 +346,139 @@ def prune(
         console.print(f"perplexity on {res.before['rows']} rows: {res.before['perplexity']:.3f} → "
                       f"{res.after['perplexity']:.3f}")
     console.print(f"[bold]model folder:[/] {res.out}")
+
+
+def _settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size):
+    from ftcli.evaluate import Sampling
+    from ftcli.generate import Settings
+
+    return Settings(Sampling(temperature, top_p, top_k), max_new_tokens, seed, samples, batch_size)
+
+
+def _log_err():
+    """A log function for commands whose stdout is data: dim lines on stderr, markup characters kept as text."""
+    from rich.markup import escape
+
+    err = _console_err()
+    return lambda m: err.print(f"[dim]{escape(m)}[/]")
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+_MODEL_HELP = "a built-in alias, a model folder (merged or exported), a run folder, or an adapter (with --base)"
+_TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0: sample at this temperature")
+_TOP_P = typer.Option(1.0, "--top-p", help="sample from the smallest set of tokens with this much probability")
+_TOP_K = typer.Option(0, "--top-k", help="sample from at most this many tokens (0: no limit)")
+_SEED = typer.Option(0, "--seed", help="the sampling seed: the same seed gives the same text")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="one prompt; the text alone goes to stdout"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f",
+                                        help="prompts, one row each: prompt | messages | instruction (+input)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write JSON lines here instead of stdout"),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    seed: int = _SEED,
+    samples: int = typer.Option(1, "--samples", "-k", help="generations per prompt (needs --temperature > 0)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per batch (left-padded)"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    raw: bool = typer.Option(False, "--raw", help="continue the prompt as plain text, no chat template"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Generate from a model or a run: --prompt TEXT (text to stdout, messages to stderr) or --file (JSON lines)."""
+    from ftcli import generate as gen_mod
+
+    gen_mod.generate(model, prompt=prompt, file=file, out=out,
+                     settings=_settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size),
+                     write=_write_stdout, log=_log_err(), base=base, raw=raw,
+                     system=system, template=template, precision=precision, allow_pickle=allow_pickle)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help=_MODEL_HELP),
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    seed: int = _SEED,
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Talk to a model or a run: turns from stdin, replies streamed to stdout (/reset, /exit)."""
+    from ftcli import generate as gen_mod
+
+    err = _console_err()
+    interactive = sys.stdin.isatty()
+
+    def read():
+        if interactive:
+            err.print("[bold]you>[/] ", end="")
+        line = sys.stdin.readline()
+        return line if line else None
+
+    gen_mod.chat(model, settings=_settings(temperature, top_p, top_k, max_new_tokens, seed, 1, 1), read=read,
+                 write=_write_stdout, log=_log_err(), base=base, system=system,
+                 template=template, precision=precision, allow_pickle=allow_pickle)
+
+
+@app.command()
+def synth(
+    teacher: str = typer.Argument(..., help=_MODEL_HELP),
+    prompts: Path = typer.Option(..., "--prompts", help="prompt rows (.jsonl/.json/.csv/.parquet) or a YAML file of "
+                                 "templates with {slots}"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .jsonl file to write (OUT.synth.json records how)"),
+    format: str = typer.Option("auto", "--format", help="auto | alpaca | chat | completion"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N prompts"),
+    samples: int = typer.Option(1, "--samples", "-k", help="samples per prompt"),
+    seed: int = _SEED,
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0: greedy; above 0: sample"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = _TOP_K,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    batch_size: int = typer.Option(8, "--batch-size", help="prompts per chunk (one generation batch)"),
+    min_chars: int = typer.Option(1, "--min-chars", help="drop generations shorter than this"),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="drop generations longer than this"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="keep only generations this pattern finds"),
+    exclude_regex: Optional[str] = typer.Option(None, "--exclude-regex", help="drop generations it finds"),
+    drop_unfinished: bool = typer.Option(False, "--drop-unfinished", help="drop generations cut at max-new-tokens"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="drop exact duplicate rows"),
+    near_dup: float = typer.Option(0.9, "--near-dup", help="drop rows this similar to a kept row (Jaccard of "
+                                   "character 5-grams); 0: off"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="a yes/no question with {prompt} and {output}, "
+                                        "answered by the teacher; keep when log p(yes) − log p(no) > threshold"),
+    judge_threshold: float = typer.Option(0.0, "--judge-threshold"),
+    base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter teacher"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    raw: bool = typer.Option(False, "--raw", help="continue prompts as plain text, no chat template"),
+    template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start again instead of continuing --out"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+):
+    """Write training rows from a teacher: sampled, filtered, resumable (run the same command again to continue)."""
+    from ftcli import synth as synth_mod
+
+    settings = _settings(temperature, top_p, top_k, max_new_tokens, seed, samples, batch_size)
+    filters = synth_mod.Filters(min_chars, max_chars, regex, exclude_regex, drop_unfinished, dedup, near_dup, judge,
+                                judge_threshold)
+    synth_mod.synth(teacher, prompts=prompts, out=out, settings=settings, filters=filters, fmt=format, limit=limit,
+                    overwrite=overwrite, console=_console_err(), log=_log_err(), base=base, raw=raw, system=system,
+                    template=template, precision=precision, allow_pickle=allow_pickle)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import re
 import string
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -76,42 +77,93 @@ def loss_metrics(model, encoded, *, batch_size: int, pad_id: int, packing: bool,
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "trained_tokens": n}
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How each next token is drawn: greedy (temperature 0), or sampled at `temperature` from the smallest set of
+    tokens whose probability reaches `top_p` and at most `top_k` of them (0: no limit)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def kwargs(self) -> dict:
+        """The settings as `model.generate` keywords (every one given, so the model's own defaults never apply)."""
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    def describe(self) -> str:
+        if self.greedy:
+            return "greedy"
+        return f"temperature {self.temperature:g}, top-p {self.top_p:g}, top-k {self.top_k or 'off'}"
+
+
+@dataclass
+class Generation:
+    text: str  # decoded, special tokens dropped, stripped
+    raw: str  # the same, unstripped (a plain-text continuation joins its prompt as it is)
+    tokens: int  # new tokens, the stop token included
+    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
-             stop_ids: list[int] | None = None, autocast=nullcontext, sample_seed: int | None = None) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding; decoded without special tokens.
-    With `sample_seed`: sampled from the model's own distribution instead (temperature 1, no top-k/top-p),
-    reproducibly for the seed."""
+def generate_all(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
+                 stop_ids: list[int] | None = None, autocast=nullcontext, sampling: Sampling = Sampling(),
+                 seed: int | None = None, samples: int = 1, streamer=None) -> list[list[Generation]]:
+    """`samples` continuations of each token-id prompt (per prompt, a list), batched with left padding.
+
+    Prompts are sorted by length and cut into batches of `batch_size` prompts; each batch is one `model.generate`
+    call with exactly these settings. With `seed` the draws are reproducible: the RNG is seeded once before the
+    first batch (inside a forked RNG state, so the caller's stream is untouched), which makes one prompt alone
+    the same as `torch.manual_seed(seed); model.generate(...)`. `streamer` (one prompt, one sample) receives the
+    tokens as they come."""
     from ftcli.data.tokenize import pad_id
 
     device = model_device(model)
     pad = pad_id(tokenizer)
     stops = stop_ids or [tokenizer.eos_token_id]
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[list[Generation]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    sampling = {"do_sample": False} if sample_seed is None else {"do_sample": True, "temperature": 1.0, "top_k": 0,
-                                                                  "top_p": 1.0}
-    rng = torch.random.fork_rng(devices=[]) if sample_seed is not None else nullcontext()  # callers' RNG untouched
-    with eval_mode(model):
-        with rng:
-            if sample_seed is not None:
-                torch.manual_seed(sample_seed)
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                    mask[r, width - len(prompts[i]) :] = 1
-                with autocast():
-                    out = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                        eos_token_id=stops, pad_token_id=pad, use_cache=True, **sampling,
-                    )
-                for r, i in enumerate(idx):
-                    outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()  # callers' RNG untouched
+    with eval_mode(model), rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            with autocast():
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                    eos_token_id=stops, pad_token_id=pad, use_cache=True, num_return_sequences=samples,
+                    streamer=streamer, **sampling.kwargs(),
+                )
+            for r, i in enumerate(idx):
+                for k in range(samples):
+                    new = out[r * samples + k, width:].tolist()
+                    cut = next((t + 1 for t, tok in enumerate(new) if tok in stops), None)
+                    new = new[:cut] if cut else new
+                    raw = tokenizer.decode(new, skip_special_tokens=True)
+                    outputs[i].append(Generation(raw.strip(), raw, len(new), cut is not None))
     return outputs
+
+
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
+             stop_ids: list[int] | None = None, autocast=nullcontext, sample_seed: int | None = None) -> list[str]:
+    """Greedy continuations of token-id prompts (decoded text). With `sample_seed`: sampled from the model's own
+    distribution instead (temperature 1, no top-k/top-p), reproducibly for the seed."""
+    sampling = Sampling() if sample_seed is None else Sampling(temperature=1.0)
+    gens = generate_all(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        stop_ids=stop_ids, autocast=autocast, sampling=sampling, seed=sample_seed)
+    return [g[0].text for g in gens]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

@@ -21,6 +21,10 @@ input rank) through an SVD, and the relative Frobenius truncation error ‖ΔW �
 module.
 
 All arithmetic runs in float64; the output is stored in the inputs' dtype.
+
+Mixture-of-experts adapters (PEFT `target_parameters` on the experts' 3-D weights) hold every expert's factors in
+one pair: lora_A [experts·r, in] (expert-major) and lora_B [out, r·experts] (expert-minor). They are split into one
+module per expert (`NAME@expert3`), merged like any other module, and packed back in the same layout.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ _REFUSED_SETTINGS = {
     "lora_bias": "a trained bias on lora_B",
     "modules_to_save": "fully trained modules (modules_to_save) that are not low-rank factors",
     "trainable_token_indices": "trainable token embeddings",
-    "target_parameters": "LoRA on parameters rather than modules",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -69,8 +72,9 @@ _REFUSED_SETTINGS = {
 class Adapter:
     path: Path  # the safetensors file
     config: dict
-    factors: dict[str, tuple]  # module → (A, B, kind)
+    factors: dict[str, tuple]  # module → (A, B, kind); a stacked experts' pair split into NAME@expertE modules
     dtype: object = None
+    stacked: dict[str, int] = field(default_factory=dict)  # experts' module → number of experts
 
     @property
     def folder(self) -> Path:
@@ -141,7 +145,8 @@ def read_adapter(spec) -> Adapter:
         if A.shape[0] != B.shape[1]:
             raise UserError(f"{weights}: module {module}: lora_A {_shape(A)} and lora_B {_shape(B)} disagree on the "
                             "rank")
-        if not config.get("rank_pattern") and A.shape[0] != config.get("r", A.shape[0]):
+        stacked = config.get("target_parameters") and config.get("r") and A.shape[0] % config["r"] == 0  # experts
+        if not config.get("rank_pattern") and A.shape[0] != config.get("r", A.shape[0]) and not stacked:
             raise UserError(f"{weights}: module {module} has rank {A.shape[0]} but {CONFIG_FILE} says r="
                             f"{config.get('r')}")
         for name, t in ((a_key, A), (b_key, B)):
@@ -151,7 +156,43 @@ def read_adapter(spec) -> Adapter:
     if not factors:
         raise UserError(f"{weights}: no LoRA factors inside")
     dtypes = {t.dtype for t in tensors.values()}
-    return Adapter(path=weights, config=config, factors=factors, dtype=dtypes.pop() if len(dtypes) == 1 else None)
+    adapter = Adapter(path=weights, config=config, factors=factors, dtype=dtypes.pop() if len(dtypes) == 1 else None)
+    if config.get("target_parameters"):
+        _split_experts(adapter, weights)
+    return adapter
+
+
+def _split_experts(adapter: Adapter, where: Path) -> None:
+    """PEFT's stacked expert factors → one module per expert (module docstring)."""
+    r = adapter.config.get("r")
+    for module, (A, B, kind) in list(adapter.factors.items()):
+        if not r or A.shape[0] == r:
+            continue
+        if A.shape[0] % r:
+            raise UserError(f"{where}: module {module}: lora_A has {A.shape[0]} rows, not a multiple of r={r}")
+        n = A.shape[0] // r
+        del adapter.factors[module]
+        experts_A = A.reshape(n, r, A.shape[1])
+        experts_B = B.reshape(B.shape[0], r, n)
+        for e in range(n):
+            adapter.factors[f"{module}{_EXPERT}{e}"] = (experts_A[e].contiguous(), experts_B[:, :, e].contiguous(), kind)
+        adapter.stacked[module] = n
+
+
+_EXPERT = "@expert"
+
+
+def _pack_experts(tensors: dict, stacked: dict[str, int]) -> dict:
+    """The per-expert factors of merged modules packed back into PEFT's layout."""
+    import torch
+
+    for module, n in stacked.items():
+        a_suffix, b_suffix = _KINDS["lora"]
+        As = [tensors.pop(f"{module}{_EXPERT}{e}{a_suffix}") for e in range(n)]
+        Bs = [tensors.pop(f"{module}{_EXPERT}{e}{b_suffix}") for e in range(n)]
+        tensors[module + a_suffix] = torch.cat(As, dim=0).contiguous()
+        tensors[module + b_suffix] = torch.stack(Bs, dim=2).reshape(Bs[0].shape[0], -1).contiguous()
+    return tensors
 
 
 def _check_config(config: dict, where: Path) -> None:
@@ -179,6 +220,9 @@ def check_compatible(adapters: list[Adapter]) -> list[str]:
     """The modules to merge, after checking that every adapter has the same modules, shapes and base."""
     first = adapters[0]
     for other in adapters[1:]:
+        if sorted(first.config.get("target_parameters") or []) != sorted(other.config.get("target_parameters") or []):
+            raise UserError(f"{first.path} and {other.path} adapt different parameter tensors (target_parameters: "
+                            "experts or routers); PEFT loads only adapters with the same ones together")
         b0, b1 = first.config.get("base_model_name_or_path"), other.config.get("base_model_name_or_path")
         if b0 and b1 and b0 != b1:
             raise UserError(f"different base models: {first.path} is for {b0!r} but {other.path} is for {b1!r}")
@@ -504,7 +548,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
                             + (f" (they overflow {dtype})" if cast else "") + f" (weights {weights})")
         tensors[module + a_suffix] = A
         tensors[module + b_suffix] = B
-    return result, tensors
+    return result, _pack_experts(tensors, adapters[0].stacked)
 
 
 def _check_arguments(inputs, method, weights, rank, density, out, dry_run, overwrite) -> None:
@@ -543,8 +587,11 @@ def _output_config(adapters: list[Adapter], modules: list[str], rank: int) -> di
     same = all(t == targets[0] for t in targets) and all(
         a.config.get("layers_to_transform") == adapters[0].config.get("layers_to_transform") for a in adapters)
     if not same or not targets[0]:
-        # the exact set of modules: PEFT matches a list entry against the end of a module's name
-        config["target_modules"] = sorted({m.removeprefix("base_model.model.") for m in modules})
+        # the exact set of modules: PEFT matches a list entry against the end of a module's name; modules adapted
+        # through target_parameters (experts, routers) stay there
+        params = {t.rsplit(".", 1)[0] for t in config.get("target_parameters") or []}
+        names = {m.split(_EXPERT)[0].removeprefix("base_model.model.").replace(".base_layer", "") for m in modules}
+        config["target_modules"] = sorted(names - params) or None
         config["layers_to_transform"] = None
         config["layers_pattern"] = None
     config.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={}, use_dora=False,

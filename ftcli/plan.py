@@ -22,6 +22,7 @@ class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # MB per part and process, an estimate
     output: str = ""  # the run folder train would write, absolute
     processes: int = 1
+    groups: dict[str, dict] = field(default_factory=dict)  # what trains by group (attention, experts, router, ...)
 
 
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
@@ -73,6 +74,9 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
+    from ftcli.recipe import resolve_formats
+
+    resolve_formats(recipe)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy, recipe)
     refuse_watchers(recipe, strategy)
@@ -103,12 +107,37 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
         notes.append(bundle.bad_rows.summary())
     if bundle.numbers.count:
         notes.append(bundle.numbers.summary())
+    from ftcli import moe, probe
+
     for es in retention:
-        notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+        if es.data == probe.PROBE:
+            notes.append(f"retention: the {probe.NAME}, {es.limit or len(probe.prompts())} general prompts answered "
+                         "by the base model at the start of training (cached), loss before and after "
+                         "(eval.retention: [] switches it off)")
+        else:
+            notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
+    groups = moe.trainable_by_group(model)
+    experts = moe.expert_count(model)
+    if experts:
+        missing = [g for g in ("experts", "router") if g not in groups]
+        per = groups.get("experts", {}).get("trainable", 0) // experts[0]
+        notes.append(f"mixture of experts: {experts[0]} routed experts per block, {experts[1]} per token"
+                     + (f"; {per:,} trainable parameters per expert (all blocks)" if per else "")
+                     + (f"; not trained: {', '.join(missing)} (name them in strategy.target_modules)"
+                        if missing and strategy.artifact == "adapter" else ""))
+    for key, what in recipe.inferred.items():
+        notes.append(f"{key}: auto → {what}")
+    mixture = bundle.train.mixture
+    if mixture is not None:
+        asked = mixture.asked()
+        for p in mixture.parts:
+            how = f"weight {p.weight:g}" if p.weight is not None else f"repeat {p.repeat:g}"
+            notes.append(f"mixture: {p.name} ({p.format}, {p.rows:,} training rows, {p.stats.tokens:,} tokens): "
+                         f"{how}, {asked[p.name]:.1%} of the {mixture.epoch_size:,} examples an epoch draws")
     output = output_note(recipe)
     if output:
         notes.append(output)
-    steps, _ = recipe.total_steps(len(bundle.train), processes)
+    steps, _ = recipe.total_steps(bundle.train.epoch_size, processes)
     shapes = [q.shape for _, q in strategy.train_params(model)]
     memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective, processes)
     unit = bundle.train.encoded[0]
@@ -117,7 +146,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     from ftcli.recipe import default_output
 
     return Plan(splits, trainable, total, steps, example, notes, memory, str(default_output(recipe).resolve()),
-                processes)
+                processes, groups)
 
 
 def output_note(recipe) -> str | None:

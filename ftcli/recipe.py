@@ -18,13 +18,13 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ftcli import objectives, strategies
+from ftcli import objectives, probe, strategies
 from ftcli.errors import UserError
 from ftcli.objectives import ObjectiveSettings
 from ftcli.objectives.sft import SftParams
 from ftcli.strategies import StrategyParams
 from ftcli.strategies.lora import LoraParams
-from ftcli.vocab import SFT_FORMATS, Format, Metric, metric_problem
+from ftcli.vocab import AUTO, FORMATS, SFT_FORMATS, Metric, metric_problem
 
 Tracker = Literal["tensorboard", "mlflow"]  # ftcli/trackers.py
 OptimizerName = Literal["adamw", "adafactor", "adamw_8bit", "lomo"]  # ftcli/optimizers.py
@@ -43,6 +43,7 @@ SYNONYMS = {
     "sequence_len": "max_len", "cutoff_len": "max_len", "max_seq_length": "max_len", "sample_packing": "packing",
     "val_set_size": "validation", "eval_steps": "every", "output_dir": "output", "base_model_name_or_path": "base_model",
     "model": "base_model", "dataset": "data", "datasets": "data", "optimizer": "training", "seed_value": "seed",
+    "max_rows": "limit", "max_samples": "limit", "probability": "weight", "epochs_per_dataset": "repeat",
 }
 
 
@@ -51,10 +52,11 @@ class _Section(BaseModel):
 
 
 class RetentionSet(_Section):
-    """A dataset scored before and after training to measure forgetting."""
+    """A dataset scored before and after training to measure forgetting; `data: builtin:probe` is the built-in
+    probe (ftcli/probe.py: the loss of the base model's own answers to general prompts)."""
 
     data: str
-    format: Literal[SFT_FORMATS] = "alpaca"
+    format: Literal[(AUTO, *SFT_FORMATS)] = Field(AUTO, description="auto: inferred from the rows' fields")
     metric: Metric = "loss"
     name: str | None = None
     instruction: str | None = None
@@ -62,17 +64,70 @@ class RetentionSet(_Section):
     sample: int | None = Field(None, description="with limit: a random sample of rows drawn with this seed")
     fields: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _probe_defaults(cls, data):
+        """The probe's rows are chat rows the base model answers, its measure is their loss, and it scores every
+        prompt unless told otherwise."""
+        if isinstance(data, dict) and data.get("data") == probe.PROBE:
+            if data.get("format", "chat") != "chat" or data.get("metric", "loss") != "loss":
+                raise ValueError(f"{probe.PROBE} is scored by loss on chat rows; leave out format and metric")
+            if any(data.get(k) not in (None, {}) for k in ("fields", "instruction", "sample")):
+                raise ValueError(f"{probe.PROBE} has its own prompts: fields, instruction and sample do not apply")
+            data = {"format": "chat", "limit": None, "name": probe.NAME, **data}
+        return data
+
     @model_validator(mode="after")
     def _metric_fits_format(self) -> "RetentionSet":
+        if self.format == AUTO:
+            return self  # checked once the rows are read (resolve_formats)
         problem = metric_problem(self.format, self.metric)
         if problem:
             raise ValueError(problem)
         return self
 
 
+class MixtureEntry(_Section):
+    """One dataset of a mixture (data.train as a list): shaped like a retention set, plus how often it is drawn."""
+
+    data: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
+    name: str | None = Field(None, description="how the report names it; default: the file's stem")
+    format: Literal[(AUTO, *FORMATS)] = Field(AUTO, description="auto: inferred from the rows' fields")
+    fields: dict[str, str] = Field(default_factory=dict)
+    instruction: str | None = None
+    split: str = Field("train", description="split to read from a hub dataset")
+    weight: float | None = Field(None, gt=0, description="relative probability that a drawn example comes from "
+                                 "this dataset (weights are normalised)")
+    repeat: float | None = Field(None, gt=0, description="passes over its rows per epoch (0.5: half of them); "
+                                 "the default when no entry has a weight: 1")
+    limit: int | None = Field(None, ge=1, description="use at most N of its rows (the first N, or a sample)")
+    sample: int | None = Field(None, description="with limit: a random sample of rows drawn with this seed")
+    validation: Union[float, str, None] = Field(
+        None, description="its held-out rows: a fraction, a file, or null; default: data.validation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data):
+        if isinstance(data, str):
+            data = {"data": data}
+        if isinstance(data, dict) and data.get("data") and not data.get("name"):
+            data = {**data, "name": Path(str(data["data"])).stem}
+        return data
+
+    @model_validator(mode="after")
+    def _weight_or_repeat(self) -> "MixtureEntry":
+        if self.weight is not None and self.repeat is not None:
+            raise ValueError("give weight (a sampling probability) or repeat (whole passes), not both")
+        if isinstance(self.validation, float) and not 0.0 < self.validation < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1 (exclusive), or a file, or null")
+        return self
+
+
 class Data(_Section):
-    train: str = Field(description="local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
-    format: Format = Field("chat", description="default: chat, or preference for objective dpo")
+    train: Union[str, list[MixtureEntry]] = Field(
+        description="local .jsonl/.json/.csv/.parquet file, a hub dataset id, or a list of datasets to mix")
+    format: Literal[(AUTO, *FORMATS)] = Field(
+        AUTO, description="auto: inferred from the rows' fields (preference for objective dpo); or the format")
     validation: Union[float, str, None] = Field(
         0.1, description="a fraction of train held out (seeded), a file, or null for none"
     )
@@ -106,6 +161,47 @@ class Data(_Section):
             raise ValueError("a validation fraction must be between 0 and 1 (exclusive), or a file, or null")
         return v
 
+    @model_validator(mode="after")
+    def _mixture(self) -> "Data":
+        """A mixture: names unique, weights on every entry or on none (then repeat, default 1), the data-level
+        validation and format as each entry's default."""
+        if isinstance(self.train, str):
+            return self
+        if not self.train:
+            raise ValueError("train: an empty list; give a file or at least one dataset")
+        if self.limit is not None:
+            raise ValueError("limit applies to a single train file; give each dataset of the mixture its own limit")
+        names = [e.name for e in self.train]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"train: two datasets are named {dup[0]!r}; give each a name")
+        weighted = [e.name for e in self.train if e.weight is not None]
+        if weighted and len(weighted) != len(self.train):
+            rest = [e.name for e in self.train if e.weight is None]
+            raise ValueError(f"train: {', '.join(weighted)} have a weight but {', '.join(rest)} not; weight every "
+                             "dataset (sampling) or none (repeat: whole passes)")
+        for e in self.train:
+            if "validation" not in e.model_fields_set and e.validation != self.validation:
+                e.validation = self.validation
+            if not weighted and e.repeat is None:
+                e.repeat = 1.0
+            if e.format == AUTO and self.format != AUTO:
+                e.format = self.format
+        return self
+
+    @property
+    def entries(self) -> list[MixtureEntry]:
+        """The datasets of data.train: the mixture's, or the one file as a single entry."""
+        if isinstance(self.train, list):
+            return self.train
+        return [MixtureEntry(data=self.train, name=Path(self.train).stem, format=self.format, fields=self.fields,
+                             instruction=self.instruction, split=self.split, repeat=1.0, limit=self.limit,
+                             validation=self.validation)]
+
+    @property
+    def formats(self) -> list[str]:
+        return [e.format for e in self.entries]
+
 
 class Training(_Section):
     max_steps: int | None = Field(None, ge=1, description="optimiser steps; overrides epochs")
@@ -127,6 +223,9 @@ class Training(_Section):
         None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
         "several passes of whole rows with the same gradient and less memory. null: 512 (at least data.max_len)")
     compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
+    router_aux_loss: float | None = Field(
+        None, ge=0, description="mixture-of-experts bases: coefficient of the router's load-balancing loss added to "
+        "the training loss; null: the model config's router_aux_loss_coef; 0: off")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints; null: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
@@ -160,7 +259,10 @@ class Eval(_Section):
                                   "preference rows)")
     max_new_tokens: int = Field(64, ge=1)
     limit: int | None = Field(200, ge=1, description="validation rows used for generation metrics")
-    retention: list[RetentionSet] = Field(default_factory=list)
+    retention: list[RetentionSet] = Field(
+        default_factory=lambda: [RetentionSet(data=probe.PROBE)],
+        description=f"sets scored before and after training; default: the built-in probe ({probe.PROBE}); [] for "
+                    "none")
 
     @field_validator("retention", mode="before")
     @classmethod
@@ -189,6 +291,7 @@ class Recipe(_Section):
     source: Path | None = Field(None, exclude=True)
     overrides: tuple[str, ...] = Field((), exclude=True)
     _precision_why: str | None = PrivateAttr(None)  # why training.precision is what it is (auto resolved)
+    _inferred: dict = PrivateAttr(default_factory=dict)  # key → what format: auto found there (resolve_formats)
 
     @property
     def precision_why(self) -> str:
@@ -212,11 +315,28 @@ class Recipe(_Section):
                              f"{self.task}; with task: {self.task} use objective "
                              f"{objectives.default_for(self.task).name}")
         accepted = objective.formats
-        if "format" not in self.data.model_fields_set and self.data.format not in accepted:
+        if self.data.format == AUTO and len(accepted) == 1:  # dpo, classify: one row shape, nothing to infer
             self.data.format = accepted[0]
-        if self.data.format not in accepted:
-            raise ValueError(f"data.format: {self.data.format!r}, but objective {self.objective.name} trains on "
-                             f"{' or '.join(accepted)} rows")
+            for e in self.data.entries if isinstance(self.data.train, list) else []:
+                if e.format == AUTO:
+                    e.format = accepted[0]
+        self.check_formats()
+        return self
+
+    def check_formats(self) -> None:
+        """ValueError when a dataset's format is not the objective's or cannot be scored with an eval metric;
+        nothing to check while a format is still auto (resolve_formats reads the rows first)."""
+        formats = self.data.formats
+        if AUTO in formats:
+            return
+        mixture = isinstance(self.data.train, list)
+        objective = objectives.of(self.objective)
+        accepted = objective.formats
+        for e in self.data.entries:
+            if e.format not in accepted:
+                where = f"data.train ({e.name})" if mixture else "data.format"
+                raise ValueError(f"{where}: {e.format!r}, but objective {self.objective.name} trains on "
+                                 f"{' or '.join(accepted)} rows")
         own = objective.eval_metrics  # an objective that scores its own way (a classification head)
         if own is not None:
             if "metrics" not in self.eval.model_fields_set:
@@ -225,13 +345,20 @@ class Recipe(_Section):
             if other:
                 raise ValueError(f"eval.metrics: {', '.join(other)} cannot score objective {self.objective.name} "
                                  f"(task {self.task}); it is scored by {', '.join(own)}")
+        # a metric scores the validation rows of every dataset whose format allows it (a mixture: at least one)
         if "metrics" not in self.eval.model_fields_set:
-            self.eval.metrics = [m for m in self.eval.metrics if not metric_problem(self.data.format, m)]
+            self.eval.metrics = [m for m in self.eval.metrics if not all(metric_problem(f, m) for f in formats)]
         for m in self.eval.metrics:
-            problem = metric_problem(self.data.format, m)
-            if problem:
-                raise ValueError(f"eval.metrics: {problem}")
-        return self
+            if all(metric_problem(f, m) for f in formats):
+                raise ValueError(f"eval.metrics: {metric_problem(formats[0], m)}"
+                                 + (" (no dataset of the mixture has such rows)" if mixture else ""))
+        for i, r in enumerate(self.eval.retention):
+            if r.format != AUTO and metric_problem(r.format, r.metric):
+                raise ValueError(f"eval.retention[{i}]: {metric_problem(r.format, r.metric)}")
+
+    @property
+    def inferred(self) -> dict:
+        return self._inferred
 
     @model_validator(mode="after")
     def _resolve_precision(self) -> "Recipe":
@@ -298,7 +425,48 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recip
     recipe.source = path.resolve()
     recipe.overrides = tuple(overrides)
     resolve_paths(recipe, path.resolve().parent)
+    resolve_formats(recipe)
     return recipe
+
+
+def resolve_formats(recipe: Recipe) -> None:
+    """Every `format: auto` (data, each dataset of a mixture, retention sets) replaced by the format the rows'
+    fields fit (data.formats.infer_format), recorded in `recipe.inferred`, and the formats checked again. Reads
+    the rows, so errors name the file and the row."""
+    from ftcli.data import infer_source_format
+    from ftcli.probe import PROBE
+
+    def missing(source: str) -> bool:  # a local file not there (yet): inferred when the data is built
+        return source.endswith(DATA_SUFFIXES) and not Path(source).is_file()
+
+    d = recipe.data
+    if any(missing(e.data) for e in d.entries if e.format == AUTO):
+        return
+    for i, e in enumerate(d.entries):
+        if e.format == AUTO:
+            key = f"data.train[{i}] ({e.name})" if isinstance(d.train, list) else "data.format"
+            fmt, seen = infer_source_format(e.data, e.fields, split=e.split, where=key)
+            recipe.inferred[key] = f"{fmt} (fields {', '.join(seen)})"
+            if isinstance(d.train, list):
+                e.format = fmt
+            else:
+                d.format = fmt
+    if isinstance(d.train, list) and d.format == AUTO:
+        formats = list(dict.fromkeys(d.formats))  # the data's format: what the mixture shares, else a chat one
+        d.format = formats[0] if len(formats) == 1 else next(f for f in formats + ["chat"] if f != "completion")
+    for i, r in enumerate(recipe.eval.retention):
+        if r.format == AUTO and r.data != PROBE and not missing(r.data):
+            key = f"eval.retention[{i}]"
+            fmt, seen = infer_source_format(r.data, r.fields, where=key)
+            recipe.inferred[key] = f"{fmt} (fields {', '.join(seen)})"
+            problem = metric_problem(fmt, r.metric)
+            if problem:
+                raise UserError(f"{key}: {r.data}: format auto → {fmt}, and {problem}")
+            r.format = fmt
+    try:
+        recipe.check_formats()
+    except ValueError as e:
+        raise UserError(f"{recipe.source or 'recipe'}: {e}") from None
 
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
@@ -347,13 +515,19 @@ def resolve_paths(recipe: Recipe, base: Path) -> None:
             return str(candidate.resolve())
         return value
 
-    recipe.data.train = fix(recipe.data.train)
+    if isinstance(recipe.data.train, str):
+        recipe.data.train = fix(recipe.data.train)
+    for e in recipe.data.train if isinstance(recipe.data.train, list) else []:
+        e.data = fix(e.data)
+        if isinstance(e.validation, str):
+            e.validation = fix(e.validation)
     if isinstance(recipe.data.validation, str):
         recipe.data.validation = fix(recipe.data.validation)
     if recipe.data.chat_template and recipe.data.chat_template.endswith(".jinja"):
         recipe.data.chat_template = fix(recipe.data.chat_template)
     for r in recipe.eval.retention:
-        r.data = fix(r.data)
+        if r.data != probe.PROBE:
+            r.data = fix(r.data)
 
     def fix_model(spec: str) -> str:  # a local folder (or run) beside the recipe; aliases and hub ids unchanged
         p = Path(spec).expanduser()

@@ -179,6 +179,10 @@ def render_markdown(s: dict) -> str:
         for r in s["retention"]:
             out.append(f"| {r['name']} | {r['metric']} | {_fmt(r.get('before'))} | {_fmt(r.get('after'))} | "
                        f"{_delta(r.get('before'), r.get('after'))} |")
+        if any(r.get("data") == "builtin:probe" for r in s["retention"]):
+            out += ["", "The built-in probe is the loss of the base model's own greedy answers to general prompts "
+                    "written by ftcli: a rise means the tuned model moved away from what the base model said there "
+                    "(drift); it does not say whether answers got better or worse (no reference answers)."]
         out += [""]
     if Path(s.get("plot") or "").name:
         out += ["## Loss", "", f"![loss curves]({s['plot']})", ""]
@@ -198,7 +202,14 @@ def render_markdown(s: dict) -> str:
         f"| trainable parameters | {params['trainable']:,} of {params['total']:,} ({params['fraction'] * 100:.3f}%) |",
         "",
     ]
-    out += ["## Data", "", "| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
+    out += ["## Data", ""]
+    if s["data"].get("format"):
+        inferred = s["data"].get("inferred") or {}
+        shown = "per dataset, below" if s.get("mixture") else s["data"]["format"]
+        out += [f"Format: {shown}" + (" (" + "; ".join(f"{k}: auto → {v}" for k, v in inferred.items()) + ")"
+                                      if inferred else ""), ""]
+    out += _mixture_table(s.get("mixture"))
+    out += ["| split | rows | kept | tokens | trained tokens | trained fraction | truncated | dropped |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, st in s["data"]["splits"].items():
         dropped = st["dropped_overlong"] + st["dropped_untrained"] + st.get("dropped_bad", 0)
@@ -225,6 +236,23 @@ def render_markdown(s: dict) -> str:
         out += ["", "## Objective details", "", "```json", json.dumps(s["objective_details"], indent=1), "```"]
     out += ["", "## Recipe (resolved)", "", "```yaml", s["recipe_yaml"].rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def _mixture_table(mix: dict | None) -> list[str]:
+    """A mixture: per dataset, what was asked and what the run drew, its rows and tokens, its validation loss."""
+    if not mix:
+        return []
+    out = [f"Mixture ({mix['mode']}): examples drawn from each dataset during training against the share asked.", "",
+           "| dataset | format | asked | drawn | rows | tokens | trained tokens | validation loss (before → after) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, d in mix["datasets"].items():
+        how = f"weight {d['weight']:g}" if d.get("weight") is not None else f"repeat {d['repeat']:g}"
+        loss = (f"{_fmt(d.get('validation_loss_before'))} → {_fmt(d.get('validation_loss_after'))}"
+                if "validation_rows" in d else "–")
+        out.append(f"| {name} | {d['format']} | {d['asked_share'] * 100:.1f}% ({how}) | {d['drawn']:,} "
+                   f"({d['drawn_share'] * 100:.1f}%) | {d['rows']:,} | {d['tokens']:,} | {d['trained_tokens']:,} | "
+                   f"{loss} |")
+    return out + [""]
 
 
 def _rounds_table(rounds: list[dict]) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftcli.errors import UserError
-from ftcli.vocab import CANDIDATES, DEFAULT_METRICS, SFT_FORMATS, check_metrics
+from ftcli.vocab import AUTO, CANDIDATES, DEFAULT_METRICS, SFT_FORMATS, check_metrics
 
 EVAL_MAX_LEN = 4096  # rows are never truncated for scoring below this length (a cut answer would score wrong)
 
@@ -23,7 +23,7 @@ class EvalSet:
     """One dataset and what to measure on it."""
 
     data: str
-    format: str = "alpaca"
+    format: str = AUTO
     metrics: list[str] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     name: str = ""
@@ -43,6 +43,10 @@ class EvalSet:
         return self.examples
 
     def __post_init__(self):
+        if self.format == AUTO:  # the format the rows' fields fit
+            from ftcli.data import infer_source_format
+
+            self.format, _ = infer_source_format(self.data, self.fields, split=self.split, where="--format auto")
         if self.format not in SFT_FORMATS:
             raise UserError(f"format {self.format!r}: choose from {', '.join(SFT_FORMATS)}")
         self.metrics = list(self.metrics or DEFAULT_METRICS[self.format])
@@ -56,6 +60,8 @@ class Target:
     tokenizer: object
     template: str | None  # the chat template the model was trained with, when the run names one
     kind: str  # "base", "run", "adapter"
+    format: str | None = None  # a run's data format (completion: plain text, no chat template)
+    system_prompt: str | None = None  # a run's data.system_prompt
 
 
 def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = False, log=print) -> Target:
@@ -70,7 +76,9 @@ def load_target(spec: str, *, base: str | None = None, allow_pickle: bool = Fals
             raise UserError("--base applies to an adapter; a run folder names its own base model")
         run = RunFolder(path)
         model, tok = run.load(allow_pickle=allow_pickle, log=log)
-        return Target(_merged(model), tok, run.chat_template, "run")
+        data = run.recipe.data if run.saved else None
+        return Target(_merged(model), tok, run.chat_template, "run", data and data.format,
+                      data and data.system_prompt)
     if models.adapter_config(adapter) is not None:
         model, tok = models.load_adapter(adapter, base or models.adapter_base(adapter), allow_pickle=allow_pickle,
                                          log=log)
@@ -130,15 +138,17 @@ def score(model, tokenizer, es: EvalSet, *, template: str | None = None, batch_s
 def retention_sets(recipe, *, load: bool = False) -> list[EvalSet]:
     """The recipe's `eval.retention` entries as evaluation sets (one metric each); `load` reads their rows now,
     so a missing file or field is an error before any model loads (in `check` as in `train`)."""
+    from ftcli.probe import PROBE
+
     sets = []
     for i, r in enumerate(recipe.eval.retention):
-        es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
-                     limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
-        if load:
-            try:
+        try:
+            es = EvalSet(data=r.data, format=r.format, metrics=[r.metric], fields=r.fields, name=r.name or "",
+                         limit=r.limit, sample_seed=r.sample, instruction=r.instruction)
+            if load and r.data != PROBE:  # the probe's rows are the base model's answers: made once it is loaded
                 es.load()
-            except UserError as e:
-                raise UserError(f"eval.retention[{i}]: {e}") from None
+        except UserError as e:
+            raise UserError(f"eval.retention[{i}]: {e}") from None
         sets.append(es)
     return sets
 

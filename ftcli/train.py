@@ -127,6 +127,9 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     from ftcli import data as data_mod
     from ftcli import models, objectives, strategies
 
+    from ftcli.recipe import resolve_formats
+
+    resolve_formats(recipe)  # format: auto (a recipe from recipe.load is resolved already; this is a no-op then)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy, recipe)  # before any weight is loaded
     refuse_watchers(recipe, strategy)
@@ -140,6 +143,7 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                               allow_pickle=allow_pickle, log=log, **strategy.base_loading(),
                               **objective.base_loading(bundle))
+    retention = _probe_rows(recipe, model, tokenizer, retention, log)
     ctx = Context(recipe=recipe, tokenizer=tokenizer, run_dir=run_dir, train_data=bundle.train, log=log,
                   strategy=strategy, processes=processes)
     model = strategy.prepare(model, ctx)
@@ -150,6 +154,25 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
             lm.enable_input_require_grads()
     objective.prepare(model, ctx, bundle)
     return Setup(recipe, strategy, objective, model, tokenizer, bundle, ctx, retention)
+
+
+def _probe_rows(recipe, model, tokenizer, retention: list, log) -> list:
+    """The built-in probe's rows: the base model's own answers (before any strategy touches it). A model that
+    has no chat template (and a recipe that names none) cannot be asked: the probe is left out, with a note."""
+    from ftcli import probe
+
+    out = []
+    for es in retention:
+        if es.data == probe.PROBE:
+            try:
+                es.examples = probe.examples(model, tokenizer, base=recipe.base_model,
+                                             template=recipe.data.chat_template, limit=es.limit,
+                                             batch_size=max(recipe.training.batch_size, 16), log=log)
+            except UserError as e:
+                log(f"note: the built-in retention probe is skipped: {e}")
+                continue
+        out.append(es)
+    return out
 
 
 def make_scheduler(recipe, optimizer, steps: int):
@@ -353,14 +376,22 @@ class Evaluator:
         wanted = r.eval.metrics
         by_candidates = [m for m in CANDIDATES if m in wanted and m not in out]  # unless the objective scored them
         if generation and by_candidates:
-            rows = split.examples[: r.eval.limit] if r.eval.limit else split.examples
+            rows = [ex for ex in split.examples if ex.choices]  # a mixture: its classification / choice rows
+            rows = rows[: r.eval.limit] if r.eval.limit else rows
             whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
             res = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size, autocast=self.autocast)
             out.update({m: res["macro_f1" if m == "macro_f1" else "accuracy"] for m in by_candidates})
         if generation:
-            out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, split.examples, wanted,
+            prompted = [ex for ex in split.examples if ex.messages is not None]  # a mixture: not its completion rows
+            out.update(generation_metrics(self.model, self.tokenizer, self.data.encoder, prompted, wanted,
                                           max_new_tokens=r.eval.max_new_tokens, limit=r.eval.limit,
                                           autocast=self.autocast))
+        if generation and split.mixture is not None:  # a mixture: the loss of each dataset's held-out rows too
+            out["datasets"] = {
+                name: {"loss": self.objective.evaluate(self.model, units, batch_size=r.training.batch_size,
+                                                       pad_id=self.pad_id, packing=d.packing, pack_len=d.max_len,
+                                                       autocast=self.autocast)["loss"]}
+                for name, units in split.mixture.subsets(split.encoded).items() if units}
         record = {"kind": "eval", "step": step}
         for k, v in out.items():
             if isinstance(v, float) and k not in ("rows_per_s", "count"):
@@ -419,7 +450,7 @@ class Trainer:
         if not self.named:
             raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
         optimizer = optimizers.make(self.recipe, self.named)
-        self.steps, self.per_epoch = self.recipe.total_steps(len(setup.data.train), self.world.size)
+        self.steps, self.per_epoch = self.recipe.total_steps(setup.data.train.epoch_size, self.world.size)
         self.scheduler = make_scheduler(self.recipe, optimizer, self.steps)
         self.optimizer = optimizer
         self.updates = optimizers.updates(optimizer, [p for _, p in self.named], t.max_grad_norm,
@@ -432,10 +463,13 @@ class Trainer:
                             if self.world.main else _NoLog())
         self._plans: dict[int, list] = {}
         self.last_saved: int | None = None  # the step of the newest checkpoint written or resumed from
+        from ftcli.moe import RouterBalance
+
+        self.router = RouterBalance.attach(causal_lm(self.model), t.router_aux_loss)  # None unless mixture of experts
 
     def short_step_note(self) -> str:
         """What the epoch's last step holds when it is short (said once at the start of a run on several ranks)."""
-        n, per_step = len(self.setup.data.train), self.recipe.global_batch(self.world.size)
+        n, per_step = self.setup.data.train.epoch_size, self.recipe.global_batch(self.world.size)
         if n % per_step == 0:
             return ""
         return (f"; each epoch's last step holds {n % per_step} of {per_step} rows, dealt out across the ranks "
@@ -484,15 +518,30 @@ class Trainer:
     def micro_batches(self, step: int) -> list:
         """This rank's collated micro-batches of optimiser step `step` (0-based): the epoch's seeded plan for the
         global batch, dealt out across the ranks."""
-        t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
+        d, train = self.recipe.data, self.setup.data.train
         epoch, index = divmod(step, self.per_epoch)
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size * self.world.size, t.grad_accum, t.seed,
-                                             epoch, bucket=not d.packing)}
-        mine = shard_step(self._plans[epoch][index], self.world.rank, self.world.size)
+        mine = shard_step(self.plan(epoch)[index], self.world.rank, self.world.size)
         return [to_device(self.objective.collate([train.encoded[i] for i in mb], self.pad_id, d.packing, d.max_len),
                           self.device)
                 for mb in mine]
+
+    def plan(self, epoch: int) -> list:
+        """Epoch `epoch`'s steps → micro-batches → row indices, for the global batch (batching.plan_epoch; a mixture
+        draws the order)."""
+        t, d, train = self.recipe.training, self.recipe.data, self.setup.data.train
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(train.lengths, t.batch_size * self.world.size, t.grad_accum, t.seed,
+                                             epoch, bucket=not d.packing, order=train.epoch_order(t.seed, epoch))}
+        return self._plans[epoch]
+
+    def drawn(self, steps: int) -> dict[str, int]:
+        """A mixture: how many examples the first `steps` optimiser steps took from each dataset (all ranks)."""
+        mixture = self.setup.data.train.mixture
+        indices = []
+        for step in range(steps):
+            epoch, index = divmod(step, self.per_epoch)
+            indices += [i for mb in self.plan(epoch)[index] for i in mb]
+        return mixture.counts(indices)
 
     def step(self, step: int) -> StepResult:
         """Compute optimiser step `step` (0-based) and apply it, unless its loss or gradient is not finite."""
@@ -520,9 +569,14 @@ class Trainer:
             part = passes[i] if real else (passes[-1] if passes else self.filler)
             last = i == n_passes - 1
             with self.parallel.accumulating(last=last):
-                with self.autocast():
+                with self.autocast(), (self.router.capture() if self.router else nullcontext()):
                     loss_sum, metrics = self.parallel.module(part)
                     loss = loss_sum * (weight if real else 0.0)
+                    aux = self.router.loss(part) if self.router else None
+                    if aux is not None:  # the router's load-balancing loss, a token-weighted mean over the step
+                        share = (part.n_tokens / max(tokens, 1)) if real else 0.0
+                        metrics = {**metrics, "router_aux": aux.detach() * share * count}  # /count below
+                        loss = loss + self.router.coef * aux * share * self.parallel.grad_scale
                 if self.world.size == 1:  # stop before anything of this step is applied (lomo applies in backward)
                     early = StepResult(float(step_loss + loss_sum.detach().double() / count), {}, penalty, count,
                                        tokens, trained, positions, 0.0)
@@ -548,6 +602,7 @@ class Trainer:
         result.grad_norm = self.updates.apply()
         if result.grad_norm is not None and not math.isfinite(result.grad_norm):
             return result  # not applied
+        self.strategy.after_step(step + 1, self.model)
         for w in self.watchers:
             w.after_update(self.named)
         self.scheduler.step()
@@ -658,6 +713,12 @@ def finish(setup: Setup, trainer: Trainer, evaluator: Evaluator, state: TrainSta
     if world.main:
         summary = _summary(setup, trainer, state, status, message, started, after)
         summary["throughput"]["peak_rss_mb_per_process"] = rss
+        mixture = setup.data.train.mixture
+        if mixture is not None:  # right after the run: the counts a reader looks for first
+            validation = setup.data.validation.mixture if setup.data.validation is not None else None
+            section = mixture.summary(trainer.drawn(state.step), validation, (state.before or {}).get("datasets", {}),
+                                      after.get("datasets", {}))
+            summary = {"run": summary.pop("run"), "mixture": section, **summary}
         summary["retention"] = _retention_rows(evaluator.retention, state.retention_before or [], retention_after)
         report.write_report(folder.path, summary, trainer.metrics_log.read())
     if status != "finished":
@@ -715,8 +776,8 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "train_seconds": state.train_seconds,
             "tokens": state.tokens,
         },
-        "data": {"splits": splits, "bad_rows": data.bad_rows.as_dict(),
-                 "numbers_as_text": data.numbers.as_dict(),
+        "data": {"format": recipe.data.format, "inferred": dict(recipe.inferred), "splits": splits,
+                 "bad_rows": data.bad_rows.as_dict(), "numbers_as_text": data.numbers.as_dict(),
                  "example": "\n".join(marked_text(show_mask(data.encoder.tokenizer, enc))
                                       for enc in data.train.encoded[0].sequences)},
         "strategy_details": strategy.describe(trainer.model),

@@ -13,6 +13,7 @@ from ftcli.errors import UserError
 FORMATS = ("alpaca", "chat", "completion", "classification", "choice", "preference")
 Format = Literal["alpaca", "chat", "completion", "classification", "choice", "preference"]
 SFT_FORMATS = ("alpaca", "chat", "completion", "classification", "choice")  # one target sequence per row
+AUTO = "auto"  # a format inferred from the rows' fields (data.formats.infer_format)
 
 # every metric, in the order tables show them, with what it needs of a row
 METRICS = {

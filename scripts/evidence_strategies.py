@@ -12,8 +12,10 @@ the output folder.
 
 `ewc@L` is ewc (inner full) at λ = L (plain `ewc`: λ = 100). `head:S` trains strategy S with `task:
 classification`: a new classification head over the last prompt token instead of answering by generation (the
-same rows, prompts, steps and learning rate as S). `--lr` sets the learning rate of full, hft and ewc (the adapter
-strategies keep their own, in LR).
+same rows, prompts, steps and learning rate as S). `mix@W` is full fine-tuning on a weighted mixture: SST-2 at
+weight 1 − W and Alpaca train rows (general instructions, not the Alpaca test rows scored for retention) at weight
+W, for the same steps and batch (so it sees fewer SST-2 rows). `--lr` sets the learning rate of full, hft, ewc and
+mix (the adapter strategies keep their own, in LR).
 """
 
 from __future__ import annotations
@@ -50,16 +52,34 @@ FULL_LIKE = ("full", "hft", "ewc")
 
 
 def strategy(name: str) -> dict:
-    """A strategy of the table, `ewc@L`: ewc at λ = L, or `head:S`: strategy S (trained with a classification head)."""
+    """A strategy of the table, `ewc@L`: ewc at λ = L, `head:S`: strategy S (trained with a classification head),
+    or `mix@W`: full on a mixture."""
     name = name.removeprefix("head:")
     if name.startswith("ewc@"):
         return {**STRATEGIES["ewc"], "lambda": float(name[4:])}
+    if name.startswith("mix@"):
+        return STRATEGIES["full"]
     return STRATEGIES[name]
 
 
 def learning_rate(name: str, args) -> float:
     base = name.removeprefix("head:").split("@")[0]
+    base = "full" if base == "mix" else base
     return args.lr if args.lr is not None and base in FULL_LIKE else LR[base]
+
+
+def data(name: str, args) -> dict:
+    rows = args.steps * args.batch
+    sst2 = {"data": str(SHARED / "sst2" / "train.jsonl"), "validation": str(args.val),
+            "format": "classification", "fields": {"label": "label_text"}}
+    if not name.startswith("mix@"):
+        return {"train": sst2["data"], "validation": sst2["validation"], "format": "classification",
+                "fields": sst2["fields"], "limit": rows, "max_len": 256}
+    general = float(name[4:])
+    return {"train": [{**sst2, "name": "sst2", "weight": 1 - general, "limit": rows},
+                      {"data": str(SHARED / "alpaca" / "train.jsonl"), "name": "alpaca", "format": "alpaca",
+                       "weight": general, "limit": rows, "sample": 0, "validation": None}],
+            "max_len": 256}
 
 
 def recipe(name: str, args) -> dict:
@@ -68,9 +88,7 @@ def recipe(name: str, args) -> dict:
         "base_model": "smollm2-135m-instruct",
         "task": task,
         "strategy": strategy(name),
-        "data": {"train": str(SHARED / "sst2" / "train.jsonl"), "validation": str(args.val),
-                 "format": "classification", "fields": {"label": "label_text"}, "limit": args.steps * args.batch,
-                 "max_len": 256},
+        "data": data(name, args),
         "training": {"max_steps": args.steps, "batch_size": args.batch, "lr": learning_rate(name, args), "warmup": 0.1,
                      "seed": 0,
                      "precision": args.precision},
@@ -144,7 +162,9 @@ def main() -> None:
     for name, rep, ret, wall in rows:
         b, a = rep["before"], rep["after"]
         al, mm = ret["alpaca test (loss)"], ret["mmlu test (choice)"]
-        label = name.replace("ewc@", "ewc λ=").replace("head:", "head + ")
+        label = (f"ewc λ={name[4:]}" if name.startswith("ewc@") else
+                 f"full + mix (Alpaca weight {name[4:]})" if name.startswith("mix@") else
+                 name.replace("head:", "head + "))
         thr = rep["throughput"]
         lines.append(f"| {label} | {learning_rate(name, args):g} | {rep['parameters']['trainable']:,} | {b['accuracy']:.3f} → {a['accuracy']:.3f} | "
                      f"{a.get('macro_f1', float('nan')):.3f} | "

@@ -4,7 +4,7 @@ The tokenizer is a byte-level BPE trained in memory on generated text; its chat 
 with the BOS token, and its post-processor adds a BOS too (as Llama tokenizers do), so a trainer that renders the
 template and then tokenises with special tokens gets two BOS tokens: the trap the tests check we avoid.
 
-    python scripts/make_tiny_model.py OUT_DIR
+    python scripts/make_tiny_model.py OUT_DIR [llama | mixtral | qwen2_moe]
 """
 
 from __future__ import annotations
@@ -68,16 +68,43 @@ def build_model(tokenizer, layers: int = 2, hidden: int = 32, seed: int = 0, tie
     return model
 
 
-def build(folder: Path, **model_kwargs) -> Path:
-    """Write a tiny transformers model folder (safetensors + tokenizer + chat template) and return it."""
+def build_moe(tokenizer, kind: str, layers: int = 2, hidden: int = 32, experts: int = 4, seed: int = 0):
+    """A tiny mixture-of-experts model: `mixtral` (routed experts only) or `qwen2_moe` (routed experts plus a
+    shared expert with its own gate)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, num_experts_per_tok=2,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, attention_dropout=0.0)
+    if kind == "mixtral":
+        config, cls = MixtralConfig(intermediate_size=2 * hidden, num_local_experts=experts, **common), \
+            MixtralForCausalLM
+    elif kind == "qwen2_moe":
+        config, cls = Qwen2MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                     shared_expert_intermediate_size=2 * hidden, num_experts=experts,
+                                     decoder_sparse_step=1, mlp_only_layers=[], **common), Qwen2MoeForCausalLM
+    else:
+        raise ValueError(f"unknown MoE kind {kind!r}")
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build(folder: Path, arch: str = "llama", **model_kwargs) -> Path:
+    """Write a tiny transformers model folder (safetensors + tokenizer + chat template) and return it. `arch`:
+    llama (dense), or mixtral / qwen2_moe (mixture of experts)."""
     folder = Path(folder)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, **model_kwargs)
+    model = build_model(tokenizer, **model_kwargs) if arch == "llama" else build_moe(tokenizer, arch, **model_kwargs)
     model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
     return folder
 
 
 if __name__ == "__main__":
-    out = build(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"))
+    out = build(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"), *sys.argv[2:3])
     print(out)

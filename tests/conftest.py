@@ -68,7 +68,7 @@ def make_recipe(folder: Path, tiny_model_dir: Path, data_file: Path, **sections)
         "strategy": {"name": "lora", "r": 4, "alpha": 8},
         "data": {"train": str(data_file), "format": "alpaca", "validation": 0.25, "max_len": 64},
         "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "seed": 0, "precision": "fp32"},
-        "eval": {"metrics": ["loss", "perplexity"]},
+        "eval": {"metrics": ["loss", "perplexity"], "retention": []},  # the built-in probe: tests/test_probe.py
         "output": str(folder / "run"),
     }
     for key, value in sections.items():

@@ -34,6 +34,7 @@ def test_a_few_lora_steps_on_the_builtin_model(tmp_path, run_cli):
         "strategy": {"name": "lora", "r": 8, "alpha": 16},
         "data": {"train": "d.jsonl", "format": "alpaca", "validation": 0.2, "max_len": 128},
         "training": {"max_steps": 4, "batch_size": 4, "lr": 2e-3, "schedule": "constant", "warmup": 0},
+        "eval": {"retention": [{"data": "builtin:probe", "limit": 12}]},  # the default probe, on 12 of its prompts
         "output": str(tmp_path / "run"),
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -46,3 +47,15 @@ def test_a_few_lora_steps_on_the_builtin_model(tmp_path, run_cli):
     assert report["parameters"]["total"] > 130_000_000
     assert torch.isfinite(torch.tensor([r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
                                                                .read_text().splitlines()) if r["kind"] == "train"])).all()
+    probe = report["retention"][0]
+    assert probe["name"] == "built-in probe" and probe["rows"] == 12 and probe["after"] != probe["before"]
+    # the run talks, reproducibly for a seed, and writes training rows as a teacher
+    args = ["generate", tmp_path / "run", "--prompt", "Rewrite 'March 3rd, 2021' in ISO 8601.", "-n", "12",
+            "--temperature", "0.7", "--seed", "1"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first[0] == 0 and first[1].strip() and first[1] == second[1]
+    code, _, err = run_cli("synth", tmp_path / "run", "--prompts", tmp_path / "d.jsonl", "--limit", "4",
+                           "--temperature", "0", "-n", "16", "--out", tmp_path / "synth.jsonl")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "synth.jsonl").read_text().splitlines()]
+    assert 1 <= len(rows) <= 4 and all(r["output"] for r in rows)

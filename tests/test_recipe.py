@@ -79,7 +79,7 @@ def test_relative_paths_resolve_against_recipe_folder(tmp_path, monkeypatch):
     folder = tmp_path / "recipes"
     folder.mkdir()
     (folder / "data").mkdir()
-    (folder / "data" / "t.jsonl").write_text("{}\n")
+    (folder / "data" / "t.jsonl").write_text('{"text": "a row"}\n')  # read at load: format auto → completion
     path = folder / "r.yaml"
     path.write_text(yaml.safe_dump({"data": {"train": "data/t.jsonl", "validation": "data/v.jsonl"},
                                     "eval": {"retention": "data/keep.jsonl"}}))

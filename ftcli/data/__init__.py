@@ -6,11 +6,15 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ftcli.data.formats import Example, check_fields, label_set, numbers_as_text, to_example
 from ftcli.data.sources import read_rows
 from ftcli.data.tokenize import Encoded, Encoder, EncodeStats
 from ftcli.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ftcli.data.mixture import Mixture
 
 
 @dataclass
@@ -70,13 +74,16 @@ class NumbersAsText:
 
 @dataclass
 class Split:
-    """One split, encoded: the kept rows and the examples they came from (for generation metrics)."""
+    """One split, encoded: the kept rows and the examples they came from (for generation metrics). A mixture's
+    split holds every dataset's rows one after the other (`mixture` says where each starts and how they are
+    drawn)."""
 
     name: str
     encoded: list[Encoded]
     examples: list[Example]
     stats: EncodeStats
     source: str = ""
+    mixture: "Mixture | None" = None
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -84,6 +91,15 @@ class Split:
     @property
     def lengths(self) -> list[int]:
         return [e.length for e in self.encoded]
+
+    @property
+    def epoch_size(self) -> int:
+        """Examples one epoch draws: the rows, or what the mixture's weights or repeats make of them."""
+        return self.mixture.epoch_size if self.mixture is not None else len(self.encoded)
+
+    def epoch_order(self, seed: int, epoch: int) -> list[int] | None:
+        """The examples of `epoch` in the order a mixture draws them; None: every row once, shuffled by the plan."""
+        return self.mixture.epoch_order(seed, epoch) if self.mixture is not None else None
 
 
 @dataclass
@@ -93,6 +109,15 @@ class DataBundle:
     encoder: Encoder
     bad_rows: BadRows = field(default_factory=BadRows)
     numbers: NumbersAsText = field(default_factory=NumbersAsText)
+
+
+def infer_source_format(source: str, fields: dict[str, str], *, split: str = "train",
+                        where: str = "data") -> tuple[str, list[str]]:
+    """`format: auto` for one source: (the format its rows' fields fit, the fields of its first row)."""
+    from ftcli.data.formats import INFER_ROWS, infer_format
+
+    rows = read_rows(source, split=split, limit=INFER_ROWS)
+    return infer_format(rows, fields, f"{where}: {source}"), sorted(rows[0])
 
 
 def load_examples(source: str, fmt: str, fields: dict[str, str], *, split: str = "train", limit: int | None = None,
@@ -150,9 +175,13 @@ def encode_split(name: str, examples: list[Example], encoder: Encoder, source: s
 
 
 def build(recipe, tokenizer, objective=None) -> DataBundle:
-    """Read, format, encode and split the recipe's data; `objective` encodes the rows its own way (a classification
-    head reads each prompt's last token instead of training an answer)."""
+    """Read, format, encode and split the recipe's data (a mixture: data/mixture.py); `objective` encodes the rows
+    its own way (a classification head reads each prompt's last token instead of training an answer)."""
     d = recipe.data
+    if isinstance(d.train, list):
+        from ftcli.data.mixture import build_mixture
+
+        return build_mixture(recipe, tokenizer, objective)
     bad, numbers = BadRows(d.on_bad_rows), NumbersAsText()
     encoder = Encoder(tokenizer, d.chat_template, d.max_len, d.overlong, d.format, bad_rows=bad)
     examples = load_examples(d.train, d.format, d.fields, split=d.split, limit=d.limit, system_prompt=d.system_prompt,

@@ -94,10 +94,15 @@ class Batch:
 
 
 def plan_epoch(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
-               bucket: bool) -> list[list[list[int]]]:
-    """Steps → micro-batches → example indices for one epoch; a pure function of its arguments (exact resume)."""
-    order = list(range(len(lengths)))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
+               bucket: bool, order: list[int] | None = None) -> list[list[list[int]]]:
+    """Steps → micro-batches → example indices for one epoch; a pure function of its arguments (exact resume).
+    `order`: the epoch's examples as a mixture draws them (an index may repeat); default every row once,
+    shuffled."""
+    if order is None:
+        order = list(range(len(lengths)))
+        random.Random(f"{seed}/{epoch}").shuffle(order)
+    else:
+        order = list(order)
     per_step = batch_size * grad_accum
     if bucket:
         window = per_step * BUCKET_WINDOW_STEPS

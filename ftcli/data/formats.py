@@ -25,6 +25,17 @@ FIELDS = {
     "choice": ("question", "choices", "answer"),
     "preference": ("prompt", "chosen", "rejected", "role", "content"),
 }
+# `format: auto`: the fields a row of each format has, and those it must not have (a text with a label is a
+# classification row, not a completion), checked on the row's columns after the data.fields mapping
+SIGNATURES = {
+    "chat": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ()),
+    "preference": (("chosen", "rejected"), ()),
+    "choice": (("question", "choices", "answer"), ()),
+    "classification": (("text", "label"), ()),
+    "completion": (("text",), ("label",)),
+}
+INFER_ROWS = 100  # rows looked at to infer a format
 # The user turn of a classification row: `instruction` (default below; {labels} is the label set) + the text.
 DEFAULT_CLASSIFY = "Classify the text. Answer with one of: {labels}."
 DEFAULT_CHOOSE = "Answer with the text of the correct option."
@@ -65,6 +76,38 @@ def check_fields(fmt: str, fields: dict[str, str], key: str = "data.fields") -> 
         raise UserError(
             f"{key}: {', '.join(sorted(unknown))} not a field of format {fmt!r}; its fields are {', '.join(FIELDS[fmt])}"
         )
+
+
+def fits(row: dict, fields: dict[str, str]) -> list[str]:
+    """The formats whose fields the row has (data.fields mapping applied)."""
+    out = []
+    for fmt, (need, refuse) in SIGNATURES.items():
+        col = {name: fields.get(name, name) for name in FIELDS[fmt]}
+        if all(row.get(col.get(n, n)) is not None for n in need) and not any(col.get(n, n) in row for n in refuse):
+            out.append(fmt)
+    return out
+
+
+def infer_format(rows: list[dict], fields: dict[str, str], where: str) -> str:
+    """`format: auto`: the one format the rows' fields fit (the first INFER_ROWS rows must agree); rows that fit
+    none or more than one are an error listing their fields and what each format needs."""
+    found, first = None, 0
+    for i, row in enumerate(rows[:INFER_ROWS]):
+        ok = fits(row, fields)
+        if len(ok) != 1:
+            what = "fit no format" if not ok else f"fit {' and '.join(ok)}"
+            need = "; ".join(f"{f}: {', '.join(SIGNATURES[f][0])}" + (" (and no label)" if SIGNATURES[f][1] else "")
+                             for f in SIGNATURES)
+            raise UserError(f"{where} row {i}: format auto: its fields ({', '.join(sorted(row)) or 'none'}) {what}. "
+                            f"The formats need — {need}. Set the format (and map columns with fields)")
+        if found is None:
+            found, first = ok[0], i
+        elif ok[0] != found:
+            raise UserError(f"{where}: format auto: row {first} is {found} but row {i} is {ok[0]} (fields "
+                            f"{', '.join(sorted(row))}); set the format")
+    if found is None:
+        raise UserError(f"{where}: no rows to infer a format from")
+    return found
 
 
 def label_set(rows: list[dict], fields: dict[str, str]) -> list[str]:

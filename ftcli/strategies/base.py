@@ -93,6 +93,9 @@ class Strategy:
     def on_step(self, step: int, model: "torch.nn.Module") -> None:
         """Called before optimiser step `step` (1-based) is computed."""
 
+    def after_step(self, step: int, model: "torch.nn.Module") -> None:
+        """Called after optimiser step `step` (1-based) is applied (hft: frozen expert slices put back)."""
+
     def save(self, model: "torch.nn.Module", folder: Path, state_dict: dict | None = None) -> None:
         """Write the trained artifact to `folder` (which does not exist yet). `state_dict`: the model's whole state
         when its parameters are sharded across processes (FSDP), gathered from every rank; None: the model's own."""

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from ftcli.strategies.base import Context, Params
-from ftcli.strategies.peft_adapters import PeftAdapter, targets, TargetModules
+from ftcli.strategies.peft_adapters import PeftAdapter, TargetModules
 
 
 class LoraParams(Params):
@@ -22,7 +22,11 @@ class LoraParams(Params):
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: TargetModules = targets()
+    target_modules: TargetModules = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head), or a list of: module or "
+        "parameter names (a name's end, or a pattern with *), all-linear, and on mixture-of-experts models the "
+        "groups experts, shared_experts, router (also attention, mlp)"
+    )
     rslora: bool = Field(False, description="scale alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023)")
 
 
@@ -51,16 +55,37 @@ class Lora(PeftAdapter):
             return {"weights": block_linear * 2 + (total - block_linear) * 4}
         return {"weights": total * 4}
 
-    def peft_config(self):
+    def targets(self, model) -> tuple[list[str] | str, list[str]]:
+        """(PEFT's target_modules, its target_parameters): `all-linear` alone as PEFT reads it; a list resolved on
+        `model` to the exact linear layers and expert/router parameters it names (ftcli/moe.py)."""
+        from ftcli import moe
+        from ftcli.errors import UserError
+
+        p = self.params
+        if p.target_modules == "all-linear" or model is None:
+            return p.target_modules, []
+        modules, parameters, _ = moe.lora_targets(model, p.target_modules)
+        if parameters and self.use_dora:
+            raise UserError(f"strategy {self.name}: DoRA adapts linear layers only; {parameters[0]} (the "
+                            f"{moe.group_of(parameters[0])}) is a parameter tensor. Use strategy lora for the experts "
+                            "and the router, or leave them out of target_modules")
+        if parameters and self.params.dropout:
+            raise UserError(f"strategy.dropout: LoRA on the {moe.group_of(parameters[0])} (parameter tensors) "
+                            "cannot apply dropout (PEFT's ParamWrapper); set dropout: 0")
+        return modules, parameters
+
+    def peft_config(self, model=None):
         import torch
         from peft import LoraConfig
 
         p = self.params
+        modules, parameters = self.targets(model)
         config = LoraConfig(
             r=p.r,
             lora_alpha=p.alpha,
             lora_dropout=p.dropout,
-            target_modules=p.target_modules,
+            target_modules=modules or None,
+            target_parameters=parameters or None,
             use_rslora=p.rslora,
             use_dora=self.use_dora,
             bias="none",

@@ -37,12 +37,12 @@ PEFT_TASK = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
 class PeftAdapter(Strategy):
-    """A PEFT tuner around the frozen base: `peft_config()` says which; prepare, save and loading are shared."""
+    """A PEFT tuner around the frozen base: `peft_config(model)` says which; prepare, save and loading are shared."""
 
     artifact = "adapter"
     adapter_off_is_base = True
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         raise NotImplementedError
 
     def prepare(self, model, ctx: Context):
@@ -51,7 +51,7 @@ class PeftAdapter(Strategy):
 
         from ftcli.errors import UserError
 
-        config = self.peft_config()
+        config = self.peft_config(model)
         config.task_type = PEFT_TASK[ctx.recipe.task]
         try:
             peft_model = get_peft_model(model, config)
@@ -85,7 +85,7 @@ class Ia3Params(Params):
 class Ia3(PeftAdapter):
     name = "ia3"
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         from peft import IA3Config
 
         p: Ia3Params = self.params
@@ -107,7 +107,7 @@ class VeraParams(Params):
 class Vera(PeftAdapter):
     name = "vera"
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         from peft import VeraConfig
 
         p: VeraParams = self.params
@@ -131,7 +131,7 @@ class LohaParams(Params):
 class Loha(PeftAdapter):
     name = "loha"
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         from peft import LoHaConfig
 
         p: LohaParams = self.params
@@ -150,7 +150,7 @@ class LokrParams(LohaParams):
 class Lokr(PeftAdapter):
     name = "lokr"
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         from peft import LoKrConfig
 
         p: LokrParams = self.params
@@ -178,7 +178,7 @@ class OftParams(Params):
 class Oft(PeftAdapter):
     name = "oft"
 
-    def peft_config(self):
+    def peft_config(self, model=None):
         from peft import OFTConfig
 
         p: OftParams = self.params

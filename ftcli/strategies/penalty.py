@@ -79,6 +79,9 @@ class Anchored(Strategy):
     def on_step(self, step: int, model) -> None:
         self.inner.on_step(step, model)
 
+    def after_step(self, step: int, model) -> None:
+        self.inner.after_step(step, model)
+
     def save(self, model, folder, state_dict=None) -> None:
         self.inner.save(model, folder, state_dict)
 
