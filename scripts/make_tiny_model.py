@@ -94,6 +94,20 @@ def build_moe(tokenizer, kind: str, layers: int = 2, hidden: int = 32, experts: 
     return model
 
 
+def build_teacher(folder: Path, seed: int = 7) -> Path:
+    """A distillation teacher for the tiny model: other weights and a sharper head (a random tiny model is nearly
+    uniform), the same tokenizer."""
+    import torch
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
 def build(folder: Path, arch: str = "llama", **model_kwargs) -> Path:
     """Write a tiny transformers model folder (safetensors + tokenizer + chat template) and return it. `arch`:
     llama (dense), or mixtral / qwen2_moe (mixture of experts)."""

@@ -325,18 +325,10 @@ def test_preference_rows_need_the_dpo_objective_and_the_other_way_round(tmp_path
 
 @pytest.fixture(scope="module")
 def other_teacher(tmp_path_factory, tiny_model_dir):
-    """The tiny model with other weights and a sharper head (a random tiny model is nearly uniform), the same
-    tokenizer."""
+    """The tiny model with other weights and a sharper head, the same tokenizer."""
     import make_tiny_model
 
-    folder = tmp_path_factory.mktemp("teacher") / "teacher"
-    tok = make_tiny_model.build_tokenizer()
-    model = make_tiny_model.build_model(tok, seed=7)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return make_tiny_model.build_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
 
 
 def kd_recipe(tmp_path, tiny_model_dir, teacher, **objective):
