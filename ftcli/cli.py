@@ -393,7 +393,8 @@ def generate(
     system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
     raw: bool = typer.Option(False, "--raw", help="continue the prompt as plain text, no chat template"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
+                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
     """Generate from a model or a run: --prompt TEXT (text to stdout, messages to stderr) or --file (JSON lines)."""
@@ -416,7 +417,8 @@ def chat(
     base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
     system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
+                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
     """Talk to a model or a run: turns from stdin, replies streamed to stdout (/reset, /exit)."""
@@ -466,7 +468,8 @@ def synth(
     system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
     raw: bool = typer.Option(False, "--raw", help="continue prompts as plain text, no chat template"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
+                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start again instead of continuing --out"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):

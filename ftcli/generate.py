@@ -125,7 +125,10 @@ class Generator:
                                format="completion" if self.raw else "chat")
         self.stops = stop_token_ids(self.tokenizer, self.encoder)
         self.system = system if system is not None else target.system_prompt
-        self.autocast = autocast(precision)
+        from ftcli.runtime import resolve_precision
+
+        self.precision, self.precision_why = resolve_precision(precision)  # auto: bf16 where the machine has units
+        self.autocast = autocast(self.precision)
 
     def describe(self) -> str:
         how = f"plain text ({self.why_raw})" if self.raw else "the chat template" + (
@@ -158,8 +161,10 @@ class Generator:
 
 def load(spec: str, *, base: str | None = None, raw: bool = False, system: str | None = None,
          template: str | None = None, precision: str = "fp32", allow_pickle: bool = False, log=print) -> Generator:
+    from ftcli.runtime import resolve_precision
     from ftcli.scoring import load_target
 
+    resolve_precision(precision)  # a bad value is refused before the model loads
     target = load_target(spec, base=base, allow_pickle=allow_pickle, log=log)
     gen = Generator(target, raw=raw, system=system, template=template, precision=precision)
     log(f"{spec} ({target.kind}): {gen.describe()}")

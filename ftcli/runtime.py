@@ -66,6 +66,10 @@ def bf16_units() -> str | None:
 def resolve_precision(asked: str) -> tuple[str, str]:
     """(fp32 | bf16, why) for `training.precision` (or `ftcli eval --precision`): auto is bf16 where the machine
     has bf16 matrix units, fp32 elsewhere."""
+    if asked not in ("auto", "fp32", "bf16"):
+        from ftcli.errors import UserError
+
+        raise UserError(f"--precision {asked!r}: choose from auto, fp32, bf16")
     if asked != "auto":
         return asked, "as the recipe asks"
     units = bf16_units()

@@ -176,6 +176,12 @@ def test_precision_auto_is_bf16_where_the_machine_has_bf16_units(monkeypatch, un
     assert "precision: " + expected in r.to_yaml()  # the resolved recipe records the choice
 
 
+def test_a_precision_flag_outside_the_vocabulary_is_refused_by_name(tmp_path, run_cli):
+    """`--precision fp16` to generate (or eval) is exit 2 naming the choices, not a silent fp32 run."""
+    code, out, err = run_cli("generate", "smollm2-135m-instruct", "--prompt", "hi", "--precision", "fp16")
+    assert code == 2 and "--precision 'fp16'" in err and "auto, fp32, bf16" in err, err
+
+
 def test_the_cpu_flags_decide_bf16(monkeypatch):
     import torch
 
