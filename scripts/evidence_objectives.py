@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=384)
     p.add_argument("--precision", default="bf16")
     args = p.parse_args()
+    args.out = args.out.resolve()  # the recipes name their data by absolute path (a recipe resolves against its folder)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = dpo(args) if args.what == "dpo" else distill(args)
     md = args.out / "objectives.md"
