@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not distributed"
 
 bench: setup
 	$(BIN)/python scripts/bench_train.py
