@@ -375,9 +375,9 @@ class Evaluator:
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
         wanted = r.eval.metrics
         by_candidates = [m for m in CANDIDATES if m in wanted and m not in out]  # unless the objective scored them
-        if generation and by_candidates:
-            rows = [ex for ex in split.examples if ex.choices]  # a mixture: its classification / choice rows
-            rows = rows[: r.eval.limit] if r.eval.limit else rows
+        rows = [ex for ex in split.examples if ex.choices]  # a mixture: its classification / choice rows
+        rows = rows[: r.eval.limit] if r.eval.limit else rows
+        if generation and by_candidates and rows:  # no candidates to score: no accuracy (not a 0)
             whole = Encoder(self.tokenizer, d.chat_template, scoring.EVAL_MAX_LEN, "truncate", d.format)  # answers uncut
             res = choice_accuracy(self.model, whole, rows, batch_size=r.training.batch_size, autocast=self.autocast)
             out.update({m: res["macro_f1" if m == "macro_f1" else "accuracy"] for m in by_candidates})

@@ -331,9 +331,9 @@ def other_teacher(tmp_path_factory, tiny_model_dir):
     return make_tiny_model.build_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
 
 
-def kd_recipe(tmp_path, tiny_model_dir, teacher, **objective):
+def kd_recipe(tmp_path, tiny_model_dir, teacher, validation=None, **objective):
     data = write_jsonl(tmp_path / "d.jsonl", addition_rows(32))
-    return make_recipe(tmp_path, tiny_model_dir, data, data={"validation": None},
+    return make_recipe(tmp_path, tiny_model_dir, data, data={"validation": validation},
                        objective={"name": "distill", "teacher": str(teacher), **objective})
 
 
@@ -424,10 +424,14 @@ def test_the_teachers_own_answers_replace_the_data(tmp_path, tiny_model_dir, oth
     from ftcli.evaluate import generate, stop_token_ids
 
     monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))
-    r = recipe_mod.load(kd_recipe(tmp_path, tiny_model_dir, other_teacher, answers="teacher", answer_tokens=6))
+    r = recipe_mod.load(kd_recipe(tmp_path, tiny_model_dir, other_teacher, validation=0.25, answers="teacher",
+                                  answer_tokens=6))
     setup = train.build(r, log=lambda *a: None)
     enc, ex = setup.data.encoder, setup.data.train.examples[0]
     teacher = models.load_model(str(other_teacher)).eval()
     want = generate(teacher, setup.tokenizer, [enc.prompt_ids(ex.prompt)], max_new_tokens=6,
                     stop_ids=stop_token_ids(setup.tokenizer, enc))[0]
     assert ex.answer == want and ex.answer != addition_rows(32)[0]["output"]
+    # the validation rows keep the data's answers: what the task is scored against
+    held = setup.data.validation.examples
+    assert held and all(v.answer in {row["output"] for row in addition_rows(32)} for v in held)

@@ -11,9 +11,10 @@ gradients on the same batch. With `teacher: {model: ..., precompute: true, top_k
 (at temperature T) of every trained token are computed once before training, cached on disk by content, and the KL
 is taken over k + 1 outcomes: the k tokens and "any other token" (the teacher's remaining mass against the
 student's). That is a true KL of the coarsened distributions (never above the full KL, 0 when they agree, equal to
-it when k covers the vocabulary). `answers: teacher` replaces every row's answer by the teacher's own greedy answer
-(generated once, cached), so the student learns from the teacher on prompts alone (sequence-level distillation);
-the data's answers are then never read.
+it when k covers the vocabulary). `answers: teacher` replaces every training row's answer by the teacher's own greedy
+answer (generated once, cached), so the student learns from the teacher on prompts alone (sequence-level
+distillation): the training rows' answers are never read. Validation rows keep the data's answers, so accuracy and
+the loss on them measure the task, not agreement with the teacher.
 
 Teacher and student must share the tokenizer: their vocabularies and special tokens are compared (not the sizes of
 their embedding matrices); logits beyond the tokenizer (padded embedding rows) are ignored.
@@ -146,14 +147,15 @@ class Distill(Objective):
         return autocast_for(ctx.recipe.training.precision, model_device(self.teacher).type)
 
     def _teacher_answers(self, ctx, data) -> None:
-        """Every row's last answer replaced by the teacher's greedy answer to its prompt; re-encoded."""
+        """Every training row's last answer replaced by the teacher's greedy answer to its prompt; re-encoded.
+        The validation rows keep their answers (the held-out measure of the task)."""
         from dataclasses import replace
 
         from ftcli.data import encode_split
         from ftcli.evaluate import generate, stop_token_ids
 
         enc = data.encoder
-        for split in [s for s in (data.train, data.validation) if s is not None]:
+        for split in [data.train]:
             prompts = [ex.prompt for ex in split.examples]
             key = self._key("answers", ctx, json.dumps(prompts, sort_keys=True), self.params.answer_tokens)
             path = _cache(ctx, "distill-answers", key, ".json")
