@@ -47,11 +47,20 @@ def write_rows(path: Path, data: list[dict]) -> Path:
     return path
 
 
+REUSE: set[str] = set()  # --reuse: runs whose finished report is taken as it is when their recipe is unchanged
+
+
 def train(out: Path, name: str, doc: dict) -> tuple[dict, float]:
     """Write the recipe, run `ftcli train` on it, return (report.json, wall seconds)."""
     recipe = out / f"{name}.yaml"
     doc = {"base_model": "smollm2-135m-instruct", **doc, "output": str(out / name)}
-    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    text = yaml.safe_dump(doc, sort_keys=False)
+    report = out / name / "report.json"
+    if name in REUSE and report.is_file() and recipe.is_file() and recipe.read_text() == text:
+        print(f"{name}: reusing the finished run {out / name}")
+        rep = json.loads(report.read_text())
+        return rep, rep["run"]["wall_s"]
+    recipe.write_text(text)
     t0 = time.time()
     subprocess.run([*FTCLI, "train", str(recipe), "--overwrite"], check=True)
     return json.loads((out / name / "report.json").read_text()), time.time() - t0
@@ -138,7 +147,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--max-len", type=int, default=384)
     p.add_argument("--precision", default="bf16")
+    p.add_argument("--reuse", default="", help="comma-separated run names (e.g. teacher,student-sft) whose "
+                   "finished run is reused when its recipe is unchanged (after a code change, rerun them)")
     args = p.parse_args()
+    REUSE.update(n for n in args.reuse.split(",") if n)
     args.out = args.out.resolve()  # the recipes name their data by absolute path (a recipe resolves against its folder)
     args.out.mkdir(parents=True, exist_ok=True)
     lines = dpo(args) if args.what == "dpo" else distill(args)
