@@ -373,6 +373,9 @@ _TEMPERATURE = typer.Option(0.0, "--temperature", "-t", help="0: greedy; above 0
 _TOP_P = typer.Option(1.0, "--top-p", help="sample from the smallest set of tokens with this much probability")
 _TOP_K = typer.Option(0, "--top-k", help="sample from at most this many tokens (0: no limit)")
 _SEED = typer.Option(0, "--seed", help="the sampling seed: the same seed gives the same text")
+_SYSTEM = typer.Option(None, "--system", help="a system message (default: the run's)")
+_GEN_PRECISION = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | bf16 | "
+                              "auto (bf16 where the machine has bf16 matrix units)")
 
 
 @app.command()
@@ -390,11 +393,10 @@ def generate(
     samples: int = typer.Option(1, "--samples", "-k", help="generations per prompt (needs --temperature > 0)"),
     batch_size: int = typer.Option(8, "--batch-size", help="prompts per batch (left-padded)"),
     base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
-    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    system: Optional[str] = _SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="continue the prompt as plain text, no chat template"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
-                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
+    precision: str = _GEN_PRECISION,
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
     """Generate from a model or a run: --prompt TEXT (text to stdout, messages to stderr) or --file (JSON lines)."""
@@ -415,10 +417,9 @@ def chat(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
     seed: int = _SEED,
     base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter"),
-    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    system: Optional[str] = _SYSTEM,
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
-                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
+    precision: str = _GEN_PRECISION,
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
     """Talk to a model or a run: turns from stdin, replies streamed to stdout (/reset, /exit)."""
@@ -465,11 +466,10 @@ def synth(
                                         "answered by the teacher; keep when log p(yes) − log p(no) > threshold"),
     judge_threshold: float = typer.Option(0.0, "--judge-threshold"),
     base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter teacher"),
-    system: Optional[str] = typer.Option(None, "--system", help="a system message (default: the run's)"),
+    system: Optional[str] = _SYSTEM,
     raw: bool = typer.Option(False, "--raw", help="continue prompts as plain text, no chat template"),
     template: Optional[str] = typer.Option(None, "--chat-template", help="'chatml', a .jinja file or inline"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 (the default: the same text on every machine) | "
-                                  "bf16 | auto (bf16 where the machine has bf16 matrix units)"),
+    precision: str = _GEN_PRECISION,
     overwrite: bool = typer.Option(False, "--overwrite", help="start again instead of continuing --out"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
 ):
