@@ -100,3 +100,18 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def nudge_and_backprop_penalty(strategy, model) -> dict:
+    """Move every weight by seeded noise (σ 0.01) and backpropagate the strategy's penalty alone; returns θ*, the
+    weights before the nudge, by name (ewc and si tests compare each gradient with its closed form)."""
+    import torch
+
+    star = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.zero_grad(set_to_none=True)
+    strategy.extra_loss(model, None).backward()
+    return star

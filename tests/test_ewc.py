@@ -11,7 +11,7 @@ from ftcli import recipe as recipe_mod
 from ftcli import strategies, train
 from ftcli.models import load_model
 
-from conftest import addition_rows, make_recipe, write_jsonl
+from conftest import addition_rows, make_recipe, nudge_and_backprop_penalty, write_jsonl
 
 
 def run(tmp_path, tiny_model_dir, strategy, name, steps=4):
@@ -43,13 +43,7 @@ def test_penalty_gradient_is_lambda_fisher_delta(tmp_path, tiny_model_dir, tiny_
     s = strategies.get(r.strategy)
     model = s.prepare(load_model(str(tiny_model_dir)), strategies.Context(recipe=r, tokenizer=tiny_tokenizer,
                                                                           train_data=bundle.train, log=lambda m: None))
-    star = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.zero_grad(set_to_none=True)
-    s.extra_loss(model, None).backward()
+    star = nudge_and_backprop_penalty(s, model)
     fisher = {id(p): f for f, _, p in s.terms}
     assert len(fisher) == len(list(model.parameters()))
     assert any(f.abs().sum() > 0 for f in fisher.values())

@@ -11,7 +11,7 @@ from ftcli import importance
 from ftcli import recipe as recipe_mod
 from ftcli import strategies, train
 
-from conftest import addition_rows, make_recipe, write_jsonl
+from conftest import addition_rows, make_recipe, nudge_and_backprop_penalty, write_jsonl
 
 
 def test_importance_equals_a_hand_computed_path_integral(tmp_path):
@@ -67,13 +67,7 @@ def test_a_run_records_si_and_an_si_run_holds_what_mattered(tmp_path, tiny_model
                                     strategy={"name": "si", "from_run": str(task1), "c": 2.0, "damping": 1e-3}))
     setup = train.build(r, log=lambda m: None)
     s, model = setup.strategy, setup.model
-    star = {n: p.detach().clone() for n, p in model.named_parameters()}
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    model.zero_grad(set_to_none=True)
-    s.extra_loss(model, None).backward()
+    star = nudge_and_backprop_penalty(s, model)
     raw = {n: omega[n].clamp_min(0) / (delta[n].pow(2) + 1e-3) for n in omega}
     mean = torch.cat([v.flatten() for v in raw.values()]).mean()
     for n, p in model.named_parameters():
