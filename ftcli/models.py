@@ -146,19 +146,37 @@ def _run(spec: str):
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,
                    key: str = "base_model"):
-    """The tokenizer of a model spec; `key` names the spec in errors (base_model, objective.teacher, ...)."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer of a model spec; `key` names the spec in errors (base_model, objective.teacher, ...). A
+    folder whose tokenizer_config.json names transformers' generic tokenizers class (what AutoTokenizer would
+    build) gets that class directly: AutoTokenizer imports torch and the model configurations (seconds, which
+    `ftcli check` would otherwise spend), the class alone does not."""
     run = _run(spec)
     where = str(run.require_artifact()) if run else resolve(spec, allow_pickle=allow_pickle, weights=False, log=log,
                                                             key=key)
     if trust_remote_code:
         log(f"warning: {remote_code(where)}")
+    if not trust_remote_code and tokenizer_class(where) in GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast as Tokenizer  # TokenizersBackend in transformers 5
+    else:
+        from transformers import AutoTokenizer as Tokenizer
     with _hub_errors(spec, key):
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tok = Tokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one class in transformers 5
+
+
+def tokenizer_class(where: str) -> str | None:
+    """The tokenizer_class a local model folder's tokenizer_config.json names, or None."""
+    import json
+
+    try:
+        return json.loads((Path(where) / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_config(spec: str, *, trust_remote_code: bool = False, allow_pickle: bool = False, log=print,

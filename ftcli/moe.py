@@ -90,6 +90,12 @@ def lora_targets(model, entries) -> tuple[list[str], list[str], dict[str, list[s
             for pn, p in m.named_parameters(recurse=False):
                 if p.ndim in (2, 3):
                     params[f"{n}.{pn}"] = m
+    return match_targets(entries, linear, params)
+
+
+def match_targets(entries, linear, params) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """`lora_targets` over names: `linear`, the linear layers' module names; `params`, the expert and router
+    parameters' names (`ftcli check` matches a model's names read from its files, ftcli/shapes.py)."""
     entries = [entries] if isinstance(entries, str) else list(entries)
     modules, parameters = set(), set()
     for entry in entries:
@@ -210,16 +216,15 @@ class RouterBalance:
 # what trains, by group (`ftcli check`, the report)
 
 
-def trainable_by_group(model) -> dict[str, dict]:
-    """{group: {"weights": weights trained or adapted, "trainable": parameters}} over the trainable parameters;
-    a LoRA factor counts toward the weight it adapts (one adapted weight per module or expert tensor)."""
+def trainable_by_group(named_sizes) -> dict[str, dict]:
+    """{group: {"weights": weights trained or adapted, "trainable": parameters}} over the (name, elements) of the
+    trainable tensors; a LoRA factor counts toward the weight it adapts (one adapted weight per module or expert
+    tensor)."""
     out: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, n in named_sizes:
         weight = name.split(".lora_", 1)[0] if ".lora_" in name else name
         g = out.setdefault(group_of(name), {"weights": set(), "trainable": 0})
         g["weights"].add(weight)
-        g["trainable"] += p.numel()
+        g["trainable"] += n
     return {g: {"weights": len(v["weights"]), "trainable": v["trainable"]} for g, v in
             sorted(out.items(), key=lambda kv: GROUPS.index(kv[0]))}

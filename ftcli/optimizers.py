@@ -22,6 +22,9 @@ update, and what it keeps in memory.
   micro-batch runs as one forward/backward pass. It runs in one process (a data-parallel all-reduce would come
   after the update). `lr` is SGD's: LOMO used 1e-2 … 3e-2 on LLaMA.
 
+The module imports torch only where it builds or steps an optimiser: `ftcli check` reads `memory` without it. LOMO's
+optimiser lives in ftcli/lomo.py.
+
 The Trainer only calls `Updates.backward(loss)` for every pass and `Updates.apply()` once per step, so its step
 is the same for every optimiser.
 """
@@ -29,8 +32,6 @@ is the same for every optimiser.
 from __future__ import annotations
 
 import math
-
-import torch
 
 
 def param_groups(recipe, named_params) -> list[dict]:
@@ -41,8 +42,10 @@ def param_groups(recipe, named_params) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def make(recipe, named_params) -> torch.optim.Optimizer:
+def make(recipe, named_params) -> "torch.optim.Optimizer":
     """The torch optimiser of `training.optimizer` over `named_params` (the scheduler and checkpoints use it)."""
+    import torch
+
     t = recipe.training
     groups = param_groups(recipe, named_params)
     if t.optimizer == "adafactor":
@@ -57,6 +60,8 @@ def make(recipe, named_params) -> torch.optim.Optimizer:
                             "lomo for a low-memory optimiser") from None
         return bnb.optim.AdamW8bit(groups, lr=t.lr, betas=t.betas, eps=1e-8)
     if t.optimizer == "lomo":
+        from ftcli.lomo import Lomo
+
         return Lomo(groups, lr=t.lr, max_grad_norm=t.max_grad_norm)
     # torch's fused kernel where it applies (float parameters on the CPU or CUDA): one pass over each tensor and no
     # temporaries, which matters for full fine-tuning (figures in docs/benchmarks.md)
@@ -67,6 +72,8 @@ def make(recipe, named_params) -> torch.optim.Optimizer:
 
 def updates(optimizer, params, max_grad_norm: float | None, processes: int = 1) -> "Updates":
     """How the Trainer turns a step's backward passes into an update with `optimizer`."""
+    from ftcli.lomo import Lomo
+
     if isinstance(optimizer, Lomo):
         if processes > 1:
             from ftcli.errors import UserError
@@ -96,6 +103,8 @@ class Updates:
         _backward(loss)
 
     def apply(self) -> float | None:
+        import torch
+
         norm = None
         if self.max_grad_norm:
             total = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -118,7 +127,7 @@ class InBackward(Updates):
 
     one_backward = True
 
-    def __init__(self, lomo: "Lomo"):
+    def __init__(self, lomo):
         self.lomo = self.optimizer = lomo
 
     def backward(self, loss) -> None:
@@ -130,62 +139,6 @@ class InBackward(Updates):
 
     def discard(self) -> None:
         pass  # nothing is kept between passes
-
-
-class Lomo(torch.optim.Optimizer):
-    """SGD fused into backward (LOMO). A torch optimiser so that the schedule sets its `lr` and checkpoints hold it
-    (it has no state); `step()` does nothing, the update happened in `fused_backward`."""
-
-    def __init__(self, groups, lr: float, max_grad_norm: float | None = None):
-        super().__init__(groups, {"lr": lr, "weight_decay": 0.0})
-        self.max_grad_norm = max_grad_norm
-        self.last_norm: float | None = None
-        self._measuring = False
-        self._square = torch.zeros(())
-        self._scale = 1.0
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(group))
-                         for group in self.param_groups for p in group["params"]]
-
-    def _hook(self, group):
-        def hook(p: torch.Tensor) -> None:
-            grad, p.grad = p.grad, None  # the gradient lives only while it is applied
-            if self._measuring:
-                self._square += grad.detach().float().pow(2).sum().cpu()
-                return
-            with torch.no_grad():
-                lr = group["lr"]
-                if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])  # SGD with L2: the same as decoupled decay
-                p.add_(grad.to(p.dtype), alpha=-lr * self._scale)
-
-        return hook
-
-    def fused_backward(self, loss: torch.Tensor, backward) -> None:
-        """One optimiser step: with `max_grad_norm` a first backward (the graph kept) measures the whole gradient's
-        norm, the second applies the update scaled by min(1, max_norm / norm), as LOMO clips. A non-finite norm
-        applies nothing."""
-        self._scale, self.last_norm = 1.0, None
-        if self.max_grad_norm:
-            self._measuring, self._square = True, torch.zeros(())
-            try:
-                backward(loss, retain_graph=True)
-            finally:
-                self._measuring = False
-            norm = float(self._square.sqrt())
-            self.last_norm = norm
-            if not math.isfinite(norm):
-                return
-            self._scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        backward(loss)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        return None
-
-    def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def memory(name: str, trainable: int, shapes: list) -> dict[str, float]:

@@ -25,40 +25,87 @@ class Plan:
     groups: dict[str, dict] = field(default_factory=dict)  # what trains by group (attention, experts, router, ...)
 
 
+@dataclass
+class Counts:
+    """The parameters of a prepared model, as `check` plans with them: counted on the weightless model or
+    computed from the model's files (ftcli/shapes.py), the same numbers either way."""
+
+    trainable: int
+    total: int
+    shapes: list[tuple[int, ...]]  # of the tensors the optimiser owns
+    named_sizes: list[tuple[str, int]]  # (name, elements) of every trainable tensor, for the groups table
+    layers: int
+    hidden: int
+    block_linear: int  # elements of the blocks' frozen linear weights
+    experts: tuple[int, int] | None = None  # (routed experts per block, per token) of a mixture of experts
+    how: str = "model"  # "files": from config.json and the safetensors headers; "model": a weightless model
+
+
+def from_model(model, strategy) -> Counts:
+    import torch
+
+    from ftcli import moe
+    from ftcli.models import count_parameters
+
+    trainable, total = count_parameters(model)
+    block_linear = sum(m.weight.numel() for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
+    return Counts(trainable, total, [tuple(q.shape) for _, q in strategy.train_params(model)],
+                  [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad],
+                  int(model.config.num_hidden_layers), int(model.config.hidden_size), block_linear,
+                  moe.expert_count(model))
+
+
+def from_files(recipe, strategy, *, allow_pickle: bool, log) -> Counts | None:
+    """The counts from the base's files where the strategy can say what it trains from shapes alone (no torch);
+    None where it or the model's layout cannot (a run as the base, remote code, another architecture)."""
+    import math
+
+    from pathlib import Path
+
+    from ftcli import models, shapes
+    from ftcli.run_folder import RunFolder
+
+    if recipe.trust_remote_code or RunFolder.holds_run(recipe.base_model):
+        return None
+    ws = shapes.read(Path(models.resolve(recipe.base_model, allow_pickle=allow_pickle, log=log)))
+    planned = strategy.plan(ws, recipe) if ws is not None else None
+    if planned is None:
+        return None
+    sizes = [(n, math.prod(s)) for n, s in planned.trainable.items()]
+    return Counts(planned.count, ws.total + planned.added, list(planned.trainable.values()), sizes, ws.layers,
+                  ws.hidden, ws.block_linear, how="files")
+
+
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
 # built-in SmolLM2-135M with LoRA on all linear layers: 2.05 GB for 1,152 tokens × 30 blocks × 576 → ≈ 104.
 ACTIVATION_BYTES = 104
 
 
-def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes: list,
-                    objective=None, processes: int = 1) -> dict[str, float]:
+def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processes: int = 1) -> dict[str, float]:
     """Training memory by part, in MB: weights as the strategy stores them, gradients and optimiser state (of
     `training.optimizer`), activations (of one forward/backward pass: batch × max_len positions, every row full, at
     most `training.pass_tokens`: an upper bound), and what the strategy and the objective keep besides (EWC's Fisher
-    and anchor, a DPO reference copy, a teacher). `shapes`: of the tensors the optimiser owns (hft: every parameter
-    that trains in some round). Per process: on `processes` processes with training.distributed fsdp, weights,
+    and anchor, a DPO reference copy, a teacher). `counts.shapes`: of the tensors the optimiser owns (hft: every
+    parameter that trains in some round). Per process: on `processes` processes with training.distributed fsdp, weights,
     gradients and optimiser state are split across them (plus one decoder block gathered whole at a time, not
     counted)."""
     import math
 
-    import torch
-
     from ftcli import optimizers
 
-    cfg = model.config
-    layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
-    block_linear = sum(m.weight.numel() for n, m in model.named_modules()  # the blocks' frozen linear weights
-                       if isinstance(m, torch.nn.Linear) and ".layers." in n and "lora_" not in n)
-    parts = strategy.memory(total=total, trainable=trainable, block_linear=block_linear, recipe=recipe)
+    c = counts
+    layers, hidden, shapes = c.layers, c.hidden, c.shapes
+    parts = strategy.memory(total=c.total, trainable=c.trainable, block_linear=c.block_linear, recipe=recipe)
     if objective is not None:
-        parts.update(objective.memory(total=total, strategy=strategy))
+        parts.update(objective.memory(total=c.total, strategy=strategy))
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
     shards = processes if processes > 1 and recipe.training.distributed == "fsdp" else 1
-    optimizer = {k: v / shards for k, v in optimizers.memory(recipe.training.optimizer, trainable, shapes).items()}
+    optimizer = {k: v / shards for k, v in optimizers.memory(recipe.training.optimizer, c.trainable, shapes).items()}
     out = {"weights": parts.pop("weights") / shards, **optimizer, "activations (upper bound)": activations, **parts}
     if recipe.training.record_si:
         out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16 / shards
@@ -70,8 +117,6 @@ def memory_estimate(recipe, strategy, model, trainable: int, total: int, shapes:
 def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:
     from ftcli import data as data_mod
     from ftcli import models, objectives, scoring, strategies, trackers
-    from ftcli.train import refuse_watchers
-    from ftcli.models import count_parameters
     from ftcli.strategies import Context
 
     from ftcli.recipe import resolve_formats
@@ -79,7 +124,6 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     resolve_formats(recipe)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy, recipe)
-    refuse_watchers(recipe, strategy)
     trackers.check(recipe)
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
@@ -87,12 +131,15 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     objective.preflight(recipe, tokenizer)
     bundle = data_mod.build(recipe, tokenizer, objective)
     retention = scoring.retention_sets(recipe, load=True)  # as train reads them: a bad set fails here too
-    model = models.load_model(recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle,
-                              meta=True, log=log, **objective.base_loading(bundle))
-    ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
-                  strategy=strategy, processes=processes)
-    model = strategy.prepare(model, ctx)
-    trainable, total = count_parameters(model)
+    loading = objective.base_loading(bundle)
+    counts = from_files(recipe, strategy, allow_pickle=allow_pickle, log=log) if not loading else None
+    if counts is None:  # the weightless model, prepared as train prepares it
+        ctx = Context(recipe=recipe, tokenizer=tokenizer, train_data=bundle.train, log=log, dry_run=True,
+                      strategy=strategy, processes=processes)
+        counts = from_model(strategy.prepare(models.load_model(
+            recipe.base_model, trust_remote_code=recipe.trust_remote_code, allow_pickle=allow_pickle, meta=True,
+            log=log, **loading), ctx), strategy)
+    trainable, total = counts.trainable, counts.total
     splits = {"train": bundle.train.stats.as_dict()}
     if bundle.validation is not None:
         splits["validation"] = bundle.validation.stats.as_dict()
@@ -116,8 +163,8 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
                          "(eval.retention: [] switches it off)")
         else:
             notes.append(f"retention set {es.name}: {len(es.examples)} rows, metric {es.metrics[0]}")
-    groups = moe.trainable_by_group(model)
-    experts = moe.expert_count(model)
+    groups = moe.trainable_by_group(counts.named_sizes)
+    experts = counts.experts
     if experts:
         missing = [g for g in ("experts", "router") if g not in groups]
         per = groups.get("experts", {}).get("trainable", 0) // experts[0]
@@ -138,8 +185,7 @@ def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 
     if output:
         notes.append(output)
     steps, _ = recipe.total_steps(bundle.train.epoch_size, processes)
-    shapes = [q.shape for _, q in strategy.train_params(model)]
-    memory = memory_estimate(recipe, strategy, model, trainable, total, shapes, objective, processes)
+    memory = memory_estimate(recipe, strategy, counts, objective, processes)
     unit = bundle.train.encoded[0]
     titles = ["chosen", "rejected"] if len(unit.sequences) == 2 else [""]
     example = [(title, show_mask(tokenizer, enc)) for title, enc in zip(titles, unit.sequences)]

@@ -49,13 +49,26 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver; AMD's (ROCm)
+
+
+def gpu_driver() -> bool:
+    """Whether a GPU driver is installed (the files its kernel module creates), without importing torch."""
+    return any(os.path.exists(f) for f in GPU_DRIVER_FILES)
+
+
 def bf16_units() -> str | None:
     """What makes bf16 pay on this machine: a CUDA GPU with bf16, or the CPU's AMX or AVX-512 BF16 units; None
-    where there is none (bf16 there is emulated and slower than fp32)."""
-    import torch
+    where there is none (bf16 there is emulated and slower than fp32). torch is asked about a GPU only where a GPU
+    driver is present or torch is loaded already: importing it costs seconds, and `ftcli check` resolves the
+    precision without it on a CPU machine."""
+    import sys
 
-    if torch.cuda.is_available():
-        return f"CUDA GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_bf16_supported() else None
+    if "torch" in sys.modules or gpu_driver():
+        import torch
+
+        if torch.cuda.is_available():
+            return f"CUDA GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_bf16_supported() else None
     flags = cpu_flags()
     for flag, name in (("amx_bf16", "the CPU's AMX units"), ("avx512_bf16", "the CPU's AVX-512 BF16 units")):
         if flag in flags:

@@ -132,7 +132,6 @@ def build(recipe, *, run_dir: Path | None = None, allow_pickle: bool = False, lo
     resolve_formats(recipe)  # format: auto (a recipe from recipe.load is resolved already; this is a no-op then)
     strategy = strategies.get(recipe.strategy)
     strategies.refuse_unsupported(strategy, recipe)  # before any weight is loaded
-    refuse_watchers(recipe, strategy)
     trackers.check(recipe)
     objective = objectives.get(recipe.objective)
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
@@ -180,19 +179,6 @@ def make_scheduler(recipe, optimizer, steps: int):
 
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[recipe.training.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=recipe.warmup_steps(steps), num_training_steps=steps)
-
-
-def refuse_watchers(recipe, strategy) -> None:
-    """A watcher that cannot work with this strategy is refused before any weight loads."""
-    if recipe.training.keep_zeros and strategy.artifact == "adapter":
-        raise UserError(f"training.keep_zeros: strategy {strategy.name} trains an adapter, whose ΔW is dense and "
-                        "would fill the zeros when folded; use a strategy that trains the weights themselves "
-                        "(full, frozen, hft, or ewc/si around them)")
-    t = recipe.training
-    if t.distributed == "fsdp" and (t.keep_zeros or t.record_si):
-        key = "training.keep_zeros" if t.keep_zeros else "training.record_si"
-        raise UserError(f"{key} reads and writes whole weights after every update, which FSDP splits across "
-                        "processes; use training.distributed: ddp")
 
 
 def watchers(recipe, strategy, named) -> list:

@@ -188,7 +188,22 @@ def test_the_cpu_flags_decide_bf16(monkeypatch):
     import ftcli.runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ftcli.runtime, "gpu_driver", lambda: True)
     for flags, want in (({"avx2"}, None), ({"avx512_bf16"}, "AVX-512 BF16"), ({"amx_bf16", "avx512_bf16"}, "AMX")):
         monkeypatch.setattr(ftcli.runtime, "cpu_flags", lambda flags=flags: flags)
         got = ftcli.runtime.bf16_units()
         assert (got is None) if want is None else (want in got)
+
+
+def test_a_cpu_machine_resolves_the_precision_without_importing_torch(tmp_path):
+    """No GPU driver: `auto` is decided from the CPU flags alone, and loading a recipe does not import torch
+    (what keeps `ftcli check` fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ftcli.runtime as rt; rt.gpu_driver = lambda: False; rt.cpu_flags = lambda: {'amx_bf16'}\n"
+            "from ftcli import recipe\n"
+            "r = recipe.validate({'data': {'train': 'x.jsonl'}})\n"
+            "print(r.training.precision, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["bf16", "False"], out

@@ -26,8 +26,6 @@ import hashlib
 import json
 from typing import Literal, Union
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from ftcli.errors import UserError
@@ -68,6 +66,9 @@ class DistillParams(ObjectiveParams):
 
 def kl_terms(student_logits, teacher_logits, T: float, kl: str) -> torch.Tensor:
     """Per-position KL between the teacher's and the student's softened distributions (full vocabulary)."""
+    import torch
+    import torch.nn.functional as F
+
     s = F.log_softmax(student_logits / T, dim=-1)
     t = F.log_softmax(teacher_logits / T, dim=-1)
     if kl == "forward":
@@ -77,6 +78,9 @@ def kl_terms(student_logits, teacher_logits, T: float, kl: str) -> torch.Tensor:
 
 def topk_kl_terms(student_logits, ids, teacher_logp, teacher_tail, T: float, kl: str) -> torch.Tensor:
     """The KL over the teacher's top-k tokens plus one bucket for every other token (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
     s_all = F.log_softmax(student_logits / T, dim=-1)
     s_tail = s_all.scatter(-1, ids, float("-inf")).logsumexp(-1)
     p = torch.cat([teacher_logp, teacher_tail[:, None]], -1)
@@ -176,6 +180,8 @@ class Distill(Objective):
 
     def _precompute(self, ctx, data) -> None:
         """The teacher's top-k log-probs (temperature T) and remaining mass per trained token, cached by content."""
+        import torch
+
         from safetensors.torch import load_file, save_file
 
         from ftcli import atomic
@@ -218,6 +224,9 @@ class Distill(Objective):
 
     def _topk(self, logits, k: int, T: float) -> torch.Tensor:
         """[ids, log-probs, log of the remaining mass] of the k most likely tokens, packed in one float tensor."""
+        import torch
+        import torch.nn.functional as F
+
         logp = F.log_softmax(logits[:, : self.vocab] / T, dim=-1)
         top = logp.topk(min(k, logp.shape[-1]), dim=-1)
         tail = logp.scatter(-1, top.indices, float("-inf")).logsumexp(-1)  # -inf when k covers the vocabulary
@@ -235,6 +244,9 @@ class Distill(Objective):
 
     # -- the loss --------------------------------------------------------------------------------------------
     def loss_sum(self, model, batch):
+        import torch
+        import torch.nn.functional as F
+
         from ftcli.evaluate import model_device
         from ftcli.loss import map_head, trained_hidden
 

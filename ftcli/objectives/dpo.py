@@ -29,8 +29,6 @@ import hashlib
 import json
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ftcli.errors import UserError
@@ -64,6 +62,9 @@ class DpoParams(ObjectiveParams):
 def pair_losses(p: DpoParams, c, r, n_c, n_r, ref_c=None, ref_r=None):
     """(loss per pair, chosen reward, rejected reward) from summed log-probs `c`, `r` of the chosen and rejected
     completions, their trained-token counts `n_c`, `n_r`, and the reference's summed log-probs."""
+    import torch
+    import torch.nn.functional as F
+
     beta = p.beta
     if p.loss in ("simpo", "orpo"):
         mc, mr = c / n_c, r / n_r
@@ -125,6 +126,8 @@ class Dpo(Objective):
             self._precompute(model, ctx, data)
 
     def _reference_sums(self, model, batch) -> torch.Tensor:
+        import torch
+
         from ftcli.loss import sequence_logps
 
         if self.mode == "precompute":
@@ -142,6 +145,8 @@ class Dpo(Objective):
     def _precompute(self, model, ctx, data) -> None:
         """Reference log-probs of every pair of every split, from the model as loaded (before any resume restores
         trained weights), with the adapter off where there is one; cached on disk by content."""
+        import torch
+
         from contextlib import nullcontext
 
         from safetensors.torch import load_file, save_file

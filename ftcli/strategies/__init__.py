@@ -45,15 +45,27 @@ def get(params) -> Strategy:
 
 
 def refuse_unsupported(strategy: Strategy, recipe=None) -> None:
-    """A strategy that cannot run here, or cannot be sharded as the recipe asks (training.distributed: fsdp), is
-    refused before any weight is loaded, saying what is needed."""
+    """A strategy that cannot run here, or cannot be sharded as the recipe asks (training.distributed: fsdp), or
+    a watcher of the updates (training.keep_zeros, record_si) that cannot work with it, is refused before any
+    weight is loaded, saying what is needed."""
     problem = strategy.unsupported()
     if problem:
         raise UserError(f"strategy {strategy.name}: {problem}")
-    if recipe is not None and recipe.training.distributed == "fsdp":
+    if recipe is None:
+        return
+    t = recipe.training
+    if t.distributed == "fsdp":
         problem = strategy.unshardable()
         if problem:
             raise UserError(f"training.distributed fsdp with strategy {strategy.name}: {problem}")
+    if t.keep_zeros and strategy.artifact == "adapter":
+        raise UserError(f"training.keep_zeros: strategy {strategy.name} trains an adapter, whose ΔW is dense and "
+                        "would fill the zeros when folded; use a strategy that trains the weights themselves "
+                        "(full, frozen, hft, or ewc/si around them)")
+    if t.distributed == "fsdp" and (t.keep_zeros or t.record_si):
+        key = "training.keep_zeros" if t.keep_zeros else "training.record_si"
+        raise UserError(f"{key} reads and writes whole weights after every update, which FSDP splits across "
+                        "processes; use training.distributed: ddp")
 
 
 __all__ = ["REGISTRY", "StrategyParams", "Strategy", "Context", "get", "refuse_unsupported"]

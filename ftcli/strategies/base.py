@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ftcli.recipe import Recipe
+    from ftcli.shapes import Planned, WeightShapes
 
 
 class Params(BaseModel):
@@ -75,6 +76,12 @@ class Strategy:
         """Bytes by part that depend on the strategy: the weights as stored, plus anything it keeps (EWC's Fisher).
         `block_linear`: elements of the blocks' linear weights (what quantisation or bf16 storage shrinks)."""
         return {"weights": total * 4}
+
+    def plan(self, shapes: "WeightShapes", recipe: "Recipe") -> "Planned | None":
+        """What this strategy would train on the model of `shapes` (`ftcli/shapes.py`: names and shapes read from
+        its files), with the errors `prepare` would raise about the model; None: not known without building the
+        model (`ftcli check` then builds a weightless one). Must agree with `prepare` (tests/test_shapes.py)."""
+        return None
 
     def unfoldable(self) -> str | None:
         """Why the trained adapter cannot be folded into the base's weights (export, a run used as a base), or None."""

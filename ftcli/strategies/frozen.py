@@ -52,16 +52,24 @@ class Frozen(Strategy):
             return True
         return any(fnmatch.fnmatchcase(name, pat) for pat in p.modules)
 
-    def prepare(self, model, ctx: Context):
+    def trainable_names(self, names: list[str], n_blocks: int) -> list[str]:
+        """Of the model's parameter `names`, those that train; the recipe's errors about this model raised here."""
         p: FrozenParams = self.params
-        n = num_blocks(model)
-        if p.last_n_blocks > n:
-            raise UserError(f"strategy.last_n_blocks: {p.last_n_blocks} exceeds the model's {n} blocks")
-        names = [name for name, _ in model.named_parameters()]
+        if p.last_n_blocks > n_blocks:
+            raise UserError(f"strategy.last_n_blocks: {p.last_n_blocks} exceeds the model's {n_blocks} blocks")
         for pat in p.modules:
             if not any(fnmatch.fnmatchcase(name, pat) for name in names):
-                example = ", ".join(names[:3])
+                example = ", ".join(sorted(names)[:3])
                 raise UserError(f"strategy.modules: pattern {pat!r} matches no parameter (names look like {example})")
+        return [name for name in names if self.trainable_name(name, n_blocks)]
+
+    def prepare(self, model, ctx: Context):
+        trains = set(self.trainable_names([name for name, _ in model.named_parameters()], num_blocks(model)))
         for name, param in model.named_parameters():
-            param.requires_grad_(self.trainable_name(name, n))
+            param.requires_grad_(name in trains)
         return model
+
+    def plan(self, shapes, recipe):
+        from ftcli.shapes import Planned
+
+        return Planned({n: shapes.tensors[n] for n in self.trainable_names(list(shapes.tensors), shapes.layers)})

@@ -21,3 +21,8 @@ class Full(Strategy):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+
+    def plan(self, shapes, recipe):
+        from ftcli.shapes import Planned
+
+        return Planned(dict(shapes.tensors))

@@ -74,6 +74,25 @@ class Lora(PeftAdapter):
                             "cannot apply dropout (PEFT's ParamWrapper); set dropout: 0")
         return modules, parameters
 
+    def plan(self, shapes, recipe):
+        """A (r×in) and B (out×r) per adapted linear layer, and DoRA's magnitude (out) beside them; the targets
+        matched as on the model (ftcli/moe.py), errors included."""
+        from ftcli import moe
+        from ftcli.shapes import Planned
+
+        p = self.params
+        modules = shapes.linear if p.target_modules == "all-linear" else \
+            moe.match_targets(p.target_modules, shapes.linear, {})[0]
+        out = {}
+        for m in modules:
+            o, i = shapes.out_in(m)
+            out[f"{m}.lora_A.weight"], out[f"{m}.lora_B.weight"] = (p.r, i), (o, p.r)
+            if self.use_dora:
+                out[f"{m}.lora_magnitude_vector.weight"] = (o,)
+        planned = Planned(out)
+        planned.added = planned.count
+        return planned
+
     def peft_config(self, model=None):
         import torch
         from peft import LoraConfig
