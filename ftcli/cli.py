@@ -70,15 +70,49 @@ def check(
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="plan for this many processes (train --nproc N): the global "
                               "batch, the steps and, with training.distributed fsdp, the memory per process"),
+    probe: int = typer.Option(0, "--probe", min=0, metavar="K", help="also train K real steps in a temporary folder "
+                              "(a whole run cut short) and project the run's time and peak memory from them"),
 ):
-    """Validate and resolve a recipe without training: data statistics, a decoded example, parameter counts."""
+    """Validate and resolve a recipe without training: data statistics, a decoded example, parameter counts,
+    memory; with --probe K, K timed steps and a projection of the run."""
     from ftcli import plan
     from ftcli import recipe as recipe_mod
+    from ftcli.errors import UserError
 
     r = recipe_mod.load(recipe, set_)
+    if probe and nproc > 1:
+        raise UserError("--probe times a run in one process; drop --nproc to probe (the plan for several processes "
+                        "needs no probe)")
     console = _console()
-    p = plan.describe(r, allow_pickle=allow_pickle, log=console.print, processes=nproc)
+    p = plan.build(r, allow_pickle=allow_pickle, log=console.print, processes=nproc)
     _print_plan(console, r, p)
+    if probe:
+        _print_probe(console, r, p, probe, allow_pickle)
+
+
+def _print_probe(console, r, p, k: int, allow_pickle: bool) -> None:
+    from ftcli import forecast
+    from ftcli.runtime import tune_allocator
+
+    tune_allocator()  # as `train` runs: the probe's steps and memory are the run's
+    console.rule(f"probe: {k} real step{'s' if k > 1 else ''}")
+    with console.status(f"training {k} step(s) in a temporary folder"):
+        f = forecast.probe(r, p.steps, k, allow_pickle=allow_pickle)
+    estimate = p.memory["total"]
+    console.print(f"{f.probe_steps} step(s) in a {forecast.minutes(f.probe_wall_s)} run: median {f.step_s:.2f} s per "
+                  f"step, {f.tokens_per_s:.0f} tokens/s")
+    console.print(f"peak RSS {f.peak_rss_mb:,.0f} MB measured; the estimate above says {estimate:,.0f} MB "
+                  f"({(estimate - f.peak_rss_mb) / f.peak_rss_mb:+.0%})")
+    parts = [f"the probe's {forecast.minutes(f.probe_wall_s)} (loading, the validation loss before and after, "
+             "saving)"]
+    if f.steps > f.probe_steps:
+        parts.append(f"{f.steps - f.probe_steps} more steps × {f.step_s:.2f} s")
+    if f.passes_between:
+        parts.append(f"{f.passes_between} validation pass(es) between steps × {f.loss_pass_s:.1f} s")
+    console.print(f"[bold]projected run: {f.steps} steps ≈ {forecast.minutes(f.projected_s)}[/] = "
+                  + " + ".join(parts))
+    if f.not_timed:
+        console.print("not timed by the probe (add them): " + "; ".join(f.not_timed))
 
 
 def _print_plan(console, r, p) -> None:

@@ -80,6 +80,10 @@ def from_files(recipe, strategy, *, allow_pickle: bool, log) -> Counts | None:
 # Activation memory kept for the backward pass, in bytes per (token × block × hidden unit), fp32. Measured on the
 # built-in SmolLM2-135M with LoRA on all linear layers: 2.05 GB for 1,152 tokens × 30 blocks × 576 → ≈ 104.
 ACTIVATION_BYTES = 104
+# What a training process holds before any model: Python, torch, transformers, PEFT, the tokenizer and the encoded
+# data. Measured as the peak RSS of a process that imported them and loaded the built-in tokenizer (torch 2.13 CPU,
+# transformers 5): ≈ 460 MB.
+RUNTIME_BYTES = 460 * 2**20
 
 
 def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processes: int = 1) -> dict[str, float]:
@@ -106,7 +110,8 @@ def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processe
         activations = tokens * layers * hidden * ACTIVATION_BYTES
     shards = processes if processes > 1 and recipe.training.distributed == "fsdp" else 1
     optimizer = {k: v / shards for k, v in optimizers.memory(recipe.training.optimizer, c.trainable, shapes).items()}
-    out = {"weights": parts.pop("weights") / shards, **optimizer, "activations (upper bound)": activations, **parts}
+    out = {"runtime (Python, torch, transformers, tokenizer)": RUNTIME_BYTES, "weights": parts.pop("weights") / shards,
+           **optimizer, "activations (upper bound)": activations, **parts}
     if recipe.training.record_si:
         out["SI path integral"] = sum(math.prod(s) for s in shapes) * 16 / shards
     out = {k: v / 2**20 for k, v in out.items()}
@@ -114,7 +119,7 @@ def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processe
     return out
 
 
-def describe(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:
+def build(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:
     from ftcli import data as data_mod
     from ftcli import models, objectives, scoring, strategies, trackers
     from ftcli.strategies import Context

@@ -357,8 +357,10 @@ class Evaluator:
     def _validate(self, step: int, generation: bool) -> dict:
         split = self.data.validation
         r, d = self.recipe, self.recipe.data
+        started = time.perf_counter()
         out = self.objective.evaluate(self.model, split.encoded, batch_size=r.training.batch_size, pad_id=self.pad_id,
                                       packing=d.packing, pack_len=d.max_len, autocast=self.autocast)
+        loss_s = time.perf_counter() - started
         wanted = r.eval.metrics
         by_candidates = [m for m in CANDIDATES if m in wanted and m not in out]  # unless the objective scored them
         rows = [ex for ex in split.examples if ex.choices]  # a mixture: its classification / choice rows
@@ -382,6 +384,8 @@ class Evaluator:
         for k, v in out.items():
             if isinstance(v, float) and k not in ("rows_per_s", "count"):
                 record[f"val_{k}" if k in ("loss", "perplexity") or k in self.objective.metrics else k] = v
+        # what the pass cost: the whole of it, and the loss part alone (all a pass between steps computes)
+        record.update(eval_s=time.perf_counter() - started, loss_eval_s=loss_s)
         self.metrics_log.append(record)
         return out
 

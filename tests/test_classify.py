@@ -197,7 +197,7 @@ def test_check_counts_the_head_and_marks_the_position_it_reads(tiny_model_dir, t
     path = make_recipe(tmp_path, tiny_model_dir, data, task="classification", strategy={"name": "lora", "r": 4},
                        data={"format": "classification", "fields": {"label": "label_text"}},
                        eval={"metrics": ["accuracy"]})
-    p = plan.describe(recipe_mod.load(path), log=lambda *_: None)
+    p = plan.build(recipe_mod.load(path), log=lambda *_: None)
     # r·(in + out) per linear layer of a block: q, o 32→32; k, v 32→16; gate, up 32→64; down 64→32; two blocks
     lora = 2 * 4 * (2 * (32 + 32) + 2 * (32 + 16) + 3 * (32 + 64))
     assert p.trainable == lora + 2 * 32  # the adapter and the head, nothing else

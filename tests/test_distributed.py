@@ -404,7 +404,7 @@ def test_check_plans_for_n_processes(tmp_path, tiny_model_dir, run_cli):
     assert code == 0, err
     assert "global batch: 8 rows per step = batch_size 2 × grad_accum 2 × 2 processes (fsdp)" in out
     r = recipe_mod.load(path)
-    one, two = (plan.describe(r, log=lambda *a: None, processes=n) for n in (1, 2))
+    one, two = (plan.build(r, log=lambda *a: None, processes=n) for n in (1, 2))
     assert (one.steps, two.steps) == (10, 5)
     for part in ("weights", "gradients", "optimizer (AdamW)"):
         assert two.memory[part] == pytest.approx(one.memory[part] / 2)

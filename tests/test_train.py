@@ -223,7 +223,7 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
                                  ("lora-bf16", {"name": "lora", "r": 4}, ("training.precision=bf16",))):
         (tmp_path / name).mkdir()
         r = recipe_mod.load(make_recipe(tmp_path / name, tiny_model_dir, addition_data, strategy=strategy), list(sets))
-        plans[name] = plan.describe(r, log=lambda *a: None)
+        plans[name] = plan.build(r, log=lambda *a: None)
     full, lora, small = plans["full"], plans["lora"], plans["lora-small-pass"]
     assert full.trainable == full.total == total
     assert 0 < lora.trainable < total and lora.total == total + lora.trainable
