@@ -104,10 +104,12 @@ def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processe
     if objective is not None:
         parts.update(objective.memory(total=c.total, strategy=strategy))
     tokens = min(recipe.training.batch_size * recipe.data.max_len, recipe.pass_positions())  # one pass is live
+    layers = layers_in_graph(c)  # autograd keeps nothing for the blocks before the first that trains
     if recipe.training.gradient_checkpointing:
         activations = tokens * hidden * 4 * layers + tokens * hidden * ACTIVATION_BYTES
     else:
         activations = tokens * layers * hidden * ACTIVATION_BYTES
+    activations *= strategy.activation_factor
     shards = processes if processes > 1 and recipe.training.distributed == "fsdp" else 1
     optimizer = {k: v / shards for k, v in optimizers.memory(recipe.training.optimizer, c.trainable, shapes).items()}
     out = {"runtime (Python, torch, transformers, tokenizer)": RUNTIME_BYTES, "weights": parts.pop("weights") / shards,
@@ -117,6 +119,22 @@ def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processe
     out = {k: v / 2**20 for k, v in out.items()}
     out["total"] = sum(out.values())
     return out
+
+
+def layers_in_graph(counts: Counts) -> int:
+    """Blocks whose activations the backward pass keeps: from the first block with a trained tensor to the last
+    (all of them when the embedding trains; none when only the final norm or the head does)."""
+    from ftcli import moe
+    from ftcli.strategies.frozen import block_index
+
+    first = counts.layers
+    for name, _ in counts.named_sizes:
+        i = block_index(name)
+        if i is None and moe.group_of(name) == "embeddings" and "lm_head" not in name:
+            return counts.layers
+        if i is not None:
+            first = min(first, i)
+    return counts.layers - first
 
 
 def build(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) -> Plan:

@@ -242,6 +242,22 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
     assert plans["lora-bf16"].memory["weights"] == pytest.approx(lora.memory["weights"] - linear * 2 / 2**20)
 
 
+def test_activations_are_counted_from_the_first_block_that_trains(tmp_path, tiny_model_dir, addition_data):
+    """Autograd keeps nothing for blocks before the first trained one: frozen (last block of the tiny model's 2)
+    plans half of lora's activations; training only the final norm plans none; full (the embedding trains) all."""
+    from ftcli import plan
+
+    act = "activations (upper bound)"
+    got = {}
+    for name, strategy in (("lora", {"name": "lora", "r": 4}), ("last", {"name": "frozen", "last_n_blocks": 1}),
+                           ("norm", {"name": "frozen", "last_n_blocks": 0, "modules": ["model.norm.*"]}),
+                           ("full", {"name": "full"})):
+        (tmp_path / name).mkdir()
+        r = recipe_mod.load(make_recipe(tmp_path / name, tiny_model_dir, addition_data, strategy=strategy))
+        got[name] = plan.build(r, log=lambda *a: None).memory[act]
+    assert got["last"] == pytest.approx(got["lora"] / 2) and got["norm"] == 0 and got["full"] == got["lora"] > 0
+
+
 def test_check_refuses_a_combination_that_cannot_work(tmp_path, tiny_model_dir, addition_data, run_cli):
     path = make_recipe(tmp_path, tiny_model_dir, addition_data,
                        strategy={"name": "ewc", "inner": {"name": "qlora", "r": 4}})

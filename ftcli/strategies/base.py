@@ -53,6 +53,8 @@ class Strategy:
     artifact: ClassVar[str] = "model"  # "adapter" (PEFT layout) or "model" (transformers folder)
     adapter_off_is_base: ClassVar[bool] = False  # True: with the adapter switched off the model is the base
     trainable_set_changes: ClassVar[bool] = False  # True: which parameters train changes during the run (hft rounds)
+    # activations a pass keeps for backward, against a plain or fused-LoRA model's (`ftcli check`'s estimate)
+    activation_factor: ClassVar[float] = 1.0
 
     def __init__(self, params: Params):
         self.params = params

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from ftcli.strategies.base import Context, Params
-from ftcli.strategies.peft_adapters import PeftAdapter, TargetModules
+from ftcli.strategies.peft_adapters import PEFT_LAYER_ACTIVATIONS, PeftAdapter, TargetModules
 
 
 class LoraParams(Params):
@@ -146,6 +146,7 @@ def store_frozen_in_bf16(model) -> int:
 
 class Dora(Lora):
     name = "dora"
+    activation_factor = PEFT_LAYER_ACTIVATIONS  # PEFT's own layers, not the fused one
     use_dora = True
     fused = False
 
@@ -155,6 +156,7 @@ QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per bl
 
 class Qlora(Lora):
     name = "qlora"
+    activation_factor = PEFT_LAYER_ACTIVATIONS  # PEFT's own layers, not the fused one
     fused = False  # 4-bit bases keep PEFT's bitsandbytes layers
 
     def unsupported(self) -> str | None:

@@ -31,6 +31,7 @@ class Anchored(Strategy):
         self.artifact = self.inner.artifact
         self.adapter_off_is_base = self.inner.adapter_off_is_base
         self.trainable_set_changes = self.inner.trainable_set_changes
+        self.activation_factor = self.inner.activation_factor
         self.terms: list = []  # (w, θ*, parameter) for full-like inners; (w, A, B, scale) for lora
         self.lora = params.inner.name == "lora"
         self.info: dict = {}
