@@ -59,6 +59,18 @@ def test_packing_detects_crossing_attention(tiny_model, tiny_tokenizer, encoded)
     assert abs(sep - crossed) > 1e-3
 
 
+def assert_same_loss_and_gradient(model, a, b) -> None:
+    """Two layouts of the same examples: the same summed loss and the same gradient of a first-block weight."""
+    results = []
+    for batch in (a, b):
+        model.zero_grad()
+        loss = nll_sum(model, batch)
+        loss.backward()
+        results.append((float(loss.detach()), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
 def test_per_example_attention_equals_the_masked_row(tiny_model_dir, tiny_tokenizer, encoded):
     """ftcli's attention over packed rows (each example alone) gives transformers' block-diagonal-mask numbers,
     loss and gradient, on rows with several examples and a pad tail."""
@@ -69,14 +81,7 @@ def test_per_example_attention_equals_the_masked_row(tiny_model_dir, tiny_tokeni
     batch = collate(encoded, tiny_tokenizer.pad_token_id, packing=True, pack_len=150)
     assert batch.input_ids.shape[0] > 1 and max(len(s) for s in batch.example_bounds) > 3  # 3 examples + pads
     masked = type(batch)(**{**batch.__dict__, "example_bounds": None})  # transformers' mask path
-    results = []
-    for b in (batch, masked):
-        model.zero_grad()
-        loss = nll_sum(model, b)
-        loss.backward()
-        results.append((float(loss.detach()), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+    assert_same_loss_and_gradient(model, batch, masked)
 
 
 def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer, encoded):
@@ -119,14 +124,7 @@ def test_rows_padded_to_a_multiple_give_the_same_loss_and_gradient(tiny_model_di
         if packing:  # every row's spans still cover it exactly, the pad tail one span
             assert all(spans[-1][1] == wide.input_ids.shape[1] and
                        all(a[1] == b[0] for a, b in zip(spans, spans[1:])) for spans in wide.example_bounds)
-        results = []
-        for b in (batch, wide):
-            model.zero_grad()
-            loss = nll_sum(model, b)
-            loss.backward()
-            results.append((float(loss.detach()), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
-        assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-        assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+        assert_same_loss_and_gradient(model, batch, wide)
     assert batch.padded(1, 0) is batch and wide.padded(64, 0) is wide
 
 
