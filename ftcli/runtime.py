@@ -91,18 +91,6 @@ def resolve_precision(asked: str) -> tuple[str, str]:
     return "fp32", "auto: fp32, no bf16 matrix units here (a CUDA GPU with bf16, AMX or AVX-512 BF16)"
 
 
-# bf16 matrix products on the CPU go through oneDNN, which compiles a kernel for every new shape: measured on the
-# Intel Xeon with AMX (2 threads, [M×576]·[576×576]), 109 GFLOP/s while M keeps changing (each call a new kernel)
-# against 1,363 once the shapes repeat, and fp32's 248 (MKL, no compilation). Packed passes have a different
-# length almost every time; padded to a multiple of 64 positions they take a handful of lengths.
-BF16_CPU_WIDTH_MULTIPLE = 64
-
-
-def width_multiple(precision: str, device_type: str) -> int:
-    """What a training pass's row length is padded up to a multiple of (1: not padded)."""
-    return BF16_CPU_WIDTH_MULTIPLE if precision == "bf16" and device_type == "cpu" else 1
-
-
 def autocast(precision: str, device_type: str = "cpu"):
     """A context factory for `precision`: torch's bf16 autocast on `device_type`, or nothing (fp32). Used by
     training, scoring and the benchmark alike, so every path computes bf16 the same way."""

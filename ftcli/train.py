@@ -49,7 +49,7 @@ from ftcli.loss import causal_lm
 from ftcli.objectives import Objective
 from ftcli.run_folder import RunFolder
 from ftcli.runtime import autocast as autocast_for
-from ftcli.runtime import peak_rss_mb, width_multiple
+from ftcli.runtime import peak_rss_mb
 from ftcli.strategies import Context, Strategy
 from ftcli.vocab import CANDIDATES
 
@@ -432,7 +432,6 @@ class Trainer:
         # bf16 is torch's autocast, entered here (not a process-wide mixed-precision setting that a second run in
         # the same process could not change)
         self.autocast = autocast_for(t.precision, self.device.type)
-        self.width_multiple = width_multiple(t.precision, self.device.type)  # bf16 on the CPU: few matrix shapes
         first = to_device(self.objective.collate([setup.data.train.encoded[0]], self.pad_id, self.recipe.data.packing,
                                                  self.recipe.data.max_len), self.device)
         self.parallel = parallel.wrap(self.model, self.objective, self.strategy, t.distributed, first, self.autocast)
@@ -539,8 +538,7 @@ class Trainer:
         self.strategy.on_step(step + 1, self.model)
         t0 = time.perf_counter()
         batches = self.micro_batches(step)
-        passes = [part.padded(self.width_multiple, self.pad_id) for b in batches
-                  for part in b.split(self.recipe.pass_positions())]
+        passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
         local = [sum(self.objective.count(b) for b in batches), sum(b.n_tokens for b in batches),
                  sum(b.n_trained for b in batches), sum(p.n_positions for p in passes), len(passes)]
         *sums, n_passes = distributed.all_gather_numbers(local)

@@ -109,25 +109,6 @@ def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer
         assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
 
 
-def test_rows_padded_to_a_multiple_give_the_same_loss_and_gradient(tiny_model_dir, tiny_tokenizer, encoded):
-    """`Batch.padded(64)` (bf16 on the CPU: few matrix shapes) adds pad positions only: the summed loss, the
-    gradient and every count but the positions are the batch's own, packed (example spans) or not."""
-    from ftcli.data.tokenize import pad_id
-
-    model = load_model(str(tiny_model_dir))
-    for packing in (True, False):
-        batch = collate(encoded, tiny_tokenizer.pad_token_id, packing=packing, pack_len=60)
-        wide = batch.padded(64, pad_id(tiny_tokenizer))
-        assert wide.input_ids.shape[1] % 64 == 0 and wide.input_ids.shape[1] > batch.input_ids.shape[1]
-        assert (wide.n_tokens, wide.n_trained, wide.n_examples) == (batch.n_tokens, batch.n_trained, batch.n_examples)
-        assert wide.n_positions == wide.input_ids.numel()
-        if packing:  # every row's spans still cover it exactly, the pad tail one span
-            assert all(spans[-1][1] == wide.input_ids.shape[1] and
-                       all(a[1] == b[0] for a, b in zip(spans, spans[1:])) for spans in wide.example_bounds)
-        assert_same_loss_and_gradient(model, batch, wide)
-    assert batch.padded(1, 0) is batch and wide.padded(64, 0) is wide
-
-
 def test_padded_batch_loss_equals_one_by_one(tiny_model, tiny_tokenizer, encoded):
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():

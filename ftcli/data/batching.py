@@ -88,30 +88,6 @@ class Batch:
                                torch.where(seq >= 0, seq - lo, seq), self.sequences[lo:hi]))
         return parts
 
-    def padded(self, multiple: int, pad_id: int) -> "Batch":
-        """The batch with its rows padded on the right to a multiple of `multiple` positions (itself when they are
-        already): pad tokens with no label, positions continuing each row's, in the row's pad span. The numbers are
-        the same; the matrix shapes come from a small set (see `runtime.width_multiple`)."""
-        import torch
-
-        rows, width = self.input_ids.shape
-        target = -(-width // multiple) * multiple if multiple > 1 else width
-        if target == width:
-            return self
-        extra = target - width
-        ids = torch.cat([self.input_ids, self.input_ids.new_full((rows, extra), pad_id)], dim=1)
-        labels = torch.cat([self.labels, self.labels.new_full((rows, extra), -100)], dim=1)
-        pos = torch.cat([self.position_ids, self.position_ids[:, -1:] + torch.arange(
-            1, extra + 1, device=self.position_ids.device)], dim=1)
-        seq = None if self.seq_ids is None else torch.cat([self.seq_ids, self.seq_ids.new_full((rows, extra), -1)],
-                                                          dim=1)
-        bounds = None
-        if self.example_bounds is not None:  # the pad tail (old or new) is one span that attends only to itself
-            tokens = self.row_tokens or [width] * rows
-            bounds = [[sp for sp in spans if sp[0] < n] + [(n, target)] for spans, n in zip(self.example_bounds, tokens)]
-        return Batch(ids, labels, pos, self.n_examples, self.n_tokens, self.n_trained, rows * target, self.row_tokens,
-                     bounds, seq, self.sequences)
-
     def units_in(self, lo: int, hi: int) -> int:
         per_unit = len(self.sequences) // max(self.n_examples, 1)
         return (hi - lo) // max(per_unit, 1)
