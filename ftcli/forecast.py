@@ -28,7 +28,7 @@ from pathlib import Path
 @dataclass
 class Forecast:
     probe_steps: int
-    probe_wall_s: float  # the whole probe run: load, validation and retention twice, K steps, save
+    probe_wall_s: float  # the whole probe run: load, the validation loss twice, K steps, save
     step_s: float  # the median optimiser step
     tokens_per_s: float
     peak_rss_mb: float  # measured over the probe (the process's peak)

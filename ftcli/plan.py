@@ -99,7 +99,7 @@ def memory_estimate(recipe, strategy, counts: "Counts", objective=None, processe
     from ftcli import optimizers
 
     c = counts
-    layers, hidden, shapes = c.layers, c.hidden, c.shapes
+    hidden, shapes = c.hidden, c.shapes
     parts = strategy.memory(total=c.total, trainable=c.trainable, block_linear=c.block_linear, recipe=recipe)
     if objective is not None:
         parts.update(objective.memory(total=c.total, strategy=strategy))

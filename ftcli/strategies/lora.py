@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from ftcli.strategies.base import Context, Params
-from ftcli.strategies.peft_adapters import PEFT_LAYER_ACTIVATIONS, PeftAdapter, TargetModules
+from ftcli.strategies.peft_adapters import PeftAdapter, TargetModules
 
 
 class LoraParams(Params):
@@ -49,6 +49,13 @@ class Lora(PeftAdapter):
     name = "lora"
     use_dora = False
     fused = True  # plain float linear layers train through ftcli's fused LoRA layer (lora_fused.py)
+
+    @property
+    def activation_factor(self) -> float:
+        """The fused layer keeps only its input; PEFT's own layers (dora, qlora) keep their products too."""
+        from ftcli.strategies.peft_adapters import PEFT_LAYER_ACTIVATIONS
+
+        return 1.0 if self.fused else PEFT_LAYER_ACTIVATIONS
 
     def memory(self, *, total, trainable, block_linear, recipe):
         if self.fused and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16 (below)
@@ -146,7 +153,6 @@ def store_frozen_in_bf16(model) -> int:
 
 class Dora(Lora):
     name = "dora"
-    activation_factor = PEFT_LAYER_ACTIVATIONS  # PEFT's own layers, not the fused one
     use_dora = True
     fused = False
 
@@ -156,7 +162,6 @@ QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit codes + one fp32 scale per bl
 
 class Qlora(Lora):
     name = "qlora"
-    activation_factor = PEFT_LAYER_ACTIVATIONS  # PEFT's own layers, not the fused one
     fused = False  # 4-bit bases keep PEFT's bitsandbytes layers
 
     def unsupported(self) -> str | None:
