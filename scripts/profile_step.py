@@ -6,7 +6,7 @@ operator (big matmuls, LoRA's rank-r products, attention forward/backward, norms
 the output head and loss, the optimiser, everything else), and the step's wall time. The categories come from the
 operators' names and shapes (see `category`); "Python and other" is the step's wall time not inside any operator.
 
-    python scripts/profile_step.py [--precisions fp32,bf16] [--batch 4] [--max-len 512] [--steps 3]
+    python scripts/profile_step.py [--precisions fp32,bf16] [--batch 4] [--max-len 512] [--steps 3] [--top N]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--top", type=int, default=0, help="also print torch.profiler's N operators with most self time")
     ap.add_argument("--time-only", action="store_true", help="no profiler: step times alone, precisions alternated")
     args = ap.parse_args()
 
@@ -103,6 +104,8 @@ def main() -> None:
             for step in range(args.warmup, args.warmup + args.steps):
                 tokens += trainer.step(step).tokens
             wall = time.perf_counter() - t0
+        if args.top:
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         by = defaultdict(float)
         for ev in prof.key_averages(group_by_input_shape=True):
             by[category(ev.key, ev.input_shapes or [], 16)] += ev.self_cpu_time_total / 1e6

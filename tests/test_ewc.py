@@ -127,3 +127,25 @@ def test_fisher_answers_are_sampled_from_the_base_reproducibly(tiny_model_dir, t
     c = generate(model, tiny_tokenizer, prompts, max_new_tokens=8, sample_seed=1)
     assert a == b and a != c and a != greedy
     assert generate(model, tiny_tokenizer, prompts, max_new_tokens=8) == greedy
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_penalty_functions_equal_the_plain_expression_and_its_autograd(autocast):
+    """The penalty keeps nothing for backward (its gradient is recomputed there); value and gradients equal those
+    of the plain expression autograd differentiates, in float32 even under bf16 autocast."""
+    from ftcli.strategies.penalty import lora_penalty, weight_penalty
+
+    g = torch.Generator().manual_seed(0)
+    w, star, p0 = (torch.rand(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g))
+    a0, b0 = torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)
+    plain_p, ours_p = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    plain_a, plain_b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    ours_a, ours_b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    (3.0 * (w * (plain_p - star).pow(2)).sum() + (w * ((plain_b @ plain_a) * 1.7).pow(2)).sum()).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = 3.0 * weight_penalty(w, star, ours_p) + lora_penalty(w, ours_a, ours_b, 1.7)
+    ours.backward()
+    expected = 3.0 * (w * (p0 - star).pow(2)).sum() + (w * ((b0 @ a0) * 1.7).pow(2)).sum()
+    assert ours.dtype == torch.float32 and torch.allclose(ours, expected, rtol=1e-6)
+    for mine, theirs in ((ours_p, plain_p), (ours_a, plain_a), (ours_b, plain_b)):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)

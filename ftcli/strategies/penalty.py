@@ -95,17 +95,8 @@ class Anchored(Strategy):
     def extra_loss(self, model, batch):
         if not self.terms or self.scale == 0:
             return None
-        total = None
-        for term in self.terms:
-            if self.lora:
-                w, a, b, s = term
-                delta = (b @ a) * s
-            else:
-                w, star, p = term
-                delta = p - star
-            t = (w * delta.pow(2)).sum()
-            total = t if total is None else total + t
-        return self.scale * total
+        penalty = lora_penalty if self.lora else weight_penalty
+        return self.scale * sum(penalty(*term) for term in self.terms)
 
     # -- the penalised tensors ---------------------------------------------------------------------------------
     def _full_terms(self, model, w: dict) -> list:
@@ -123,3 +114,61 @@ class Anchored(Strategy):
                     terms.append((w[key], module.lora_A["default"].weight, module.lora_B["default"].weight,
                                   module.scaling["default"]))
         return terms
+
+
+# -- the penalty's arithmetic ------------------------------------------------------------------------------------
+# Written as autograd functions that keep nothing for the backward pass but the tensors they read: the plain
+# expression (w * (p − θ*).pow(2)).sum() keeps p − θ* (or ΔW = s·B·A, a d×k matrix per module) alive from the
+# start of the step, when the penalty is computed, to its backward at the end, one copy of every trained weight
+# (full fine-tuning of the built-in model: 513 MB). Here the gradient recomputes the difference, one tensor at a
+# time. Float32 throughout, whatever autocast says (the penalty is a sum of many small squares).
+
+
+def weight_penalty(w, star, p):
+    """Σ w·(p − θ*)²; its gradient with respect to p: 2·w·(p − θ*)."""
+    return _functions()["weight"].apply(w, star, p)
+
+
+def lora_penalty(w, a, b, scale: float):
+    """Σ w·ΔW², ΔW = s·B·A; with G = 2·s²·w·(B·A) its gradients are Bᵀ·G for A and G·Aᵀ for B."""
+    return _functions()["lora"].apply(w, a, b, float(scale))
+
+
+_FUNCTIONS: dict = {}
+
+
+def _functions() -> dict:
+    """The autograd functions, defined on first use (strategies are imported by `check`, which needs no torch)."""
+    if _FUNCTIONS:
+        return _FUNCTIONS
+    import torch
+
+    class WeightPenalty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, star, p):
+            ctx.save_for_backward(w, star, p)
+            with torch.autocast(p.device.type, enabled=False):
+                return (p.detach() - star).square_().mul_(w).sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            w, star, p = ctx.saved_tensors
+            return None, None, (p.detach() - star).mul_(w).mul_(2 * g)
+
+    class LoraPenalty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w, a, b, scale):
+            ctx.save_for_backward(w, a, b)
+            ctx.scale = scale
+            with torch.autocast(a.device.type, enabled=False):
+                return (b.detach() @ a.detach()).mul_(scale).square_().mul_(w).sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            w, a, b = ctx.saved_tensors
+            with torch.autocast(a.device.type, enabled=False):
+                G = (b.detach() @ a.detach()).mul_(w).mul_(2 * ctx.scale * ctx.scale * g)
+                return None, b.detach().t() @ G, G @ a.detach().t(), None
+
+    _FUNCTIONS.update(weight=WeightPenalty, lora=LoraPenalty)
+    return _FUNCTIONS
