@@ -7,6 +7,8 @@ process, so peak RSS is that run's alone. The first WARMUP steps of each run are
     python scripts/bench_train.py                       # lora and full, HF and ftcli, fp32; prints the table
     python scripts/bench_train.py --variants             # also ftcli with each of its optimisations turned off alone
     python scripts/bench_train.py --markdown docs/benchmarks.md
+    python scripts/bench_train.py --strategies lora --dropout 0.05     # LoRA dropout on both sides
+    python scripts/bench_train.py --strategies lora --grad-accum 2     # 2 micro-batches per optimiser step
 
 The HF side is the standard way: DataCollatorForSeq2Seq padding to the longest row of the batch, the Trainer's
 defaults (AdamW, linear schedule, fp32), `Trainer.train()`. Both sides tokenise with ftcli's encoder so the token
@@ -62,7 +64,7 @@ def worker_hf(args) -> dict:
     if args.strategy == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     rows = encoded_rows(tokenizer, DATA / "train.jsonl", 0, args.rows, args.max_len)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels(), "attention_mask": [1] * len(e.input_ids)} for e in rows]
@@ -90,9 +92,12 @@ def worker_hf(args) -> dict:
 
     targs = TrainingArguments(output_dir=args.tmp, per_device_train_batch_size=args.batch, learning_rate=LR,
                               num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                              seed=args.seed, disable_tqdm=True, bf16=args.precision == "bf16")
+                              seed=args.seed, disable_tqdm=True, bf16=args.precision == "bf16",
+                              gradient_accumulation_steps=args.grad_accum)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
     trainer.train()
+    n = args.grad_accum  # the clock times optimiser steps; collate sees micro-batches
+    seen = [tuple(map(sum, zip(*seen[i : i + n]))) for i in range(0, len(seen), n)]
     return finish(args, model, tokenizer, times, [s[0] for s in seen], [s[1] for s in seen], losses)
 
 
@@ -108,14 +113,15 @@ def worker_ftcli(args) -> dict:
     tokenizer = models.load_tokenizer(str(models.builtin_folder("smollm2-135m-instruct")))
     rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()[: args.rows]]
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    strategy = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"} if args.strategy == "lora" \
+    strategy = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": args.dropout} \
+        if args.strategy == "lora" \
         else {"name": "full"}
     doc = {"base_model": "smollm2-135m-instruct", "strategy": strategy,
            "data": {"train": str(tmp / "train.jsonl"), "format": "alpaca", "validation": None, "max_len": args.max_len,
                     "packing": not args.no_packing},
            "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
                         "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": args.seed,
-                        "pass_tokens": args.pass_tokens},
+                        "pass_tokens": args.pass_tokens, "grad_accum": args.grad_accum},
            "eval": {"metrics": ["loss"]}, "output": str(tmp / "run")}
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(doc))
     r = recipe_mod.load(tmp / "recipe.yaml")
@@ -183,7 +189,8 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--worker", system, "--strategy", strategy, "--rows", str(args.rows),
                "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
-               "--tmp", tmp, "--result", str(out), "--seed", str(args.seed), *extra]
+               "--tmp", tmp, "--result", str(out), "--seed", str(args.seed), "--dropout", str(args.dropout),
+               "--grad-accum", str(args.grad_accum), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.update(kv.split("=", 1) for flag, kv in zip(extra, extra[1:]) if flag == "--env")
         t0 = time.perf_counter()
@@ -253,6 +260,8 @@ def main() -> None:
                     help="each runs the standard stack and ftcli (bf16: autocast; pays on CPUs with AMX or AVX-512 BF16)")
     ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
     ap.add_argument("--slow-variants", action="store_true", help="also ftcli with torch.compile")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (PEFT's lora_dropout)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step on both sides")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
@@ -313,7 +322,10 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     cmd = "python scripts/bench_train.py " + " ".join(sys.argv[1:])
     text = table(results, ref)
-    info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, fp32 unless said "
+    info = (f"{args.rows} alpaca training rows, batch {args.batch}, max length {args.max_len}, "
+            + (f"LoRA dropout {args.dropout}, " if args.dropout else "")
+            + (f"{args.grad_accum} micro-batches per step, " if args.grad_accum > 1 else "")
+            + "fp32 unless said "
             "(bf16: torch autocast on both sides; ftcli also keeps the frozen LoRA base in bf16), "
             f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
             + (f"Each run {args.repeat} times, in rounds; timings and RSS are medians. " if args.repeat > 1 else "")
