@@ -49,12 +49,12 @@ def train(
     from ftcli import distributed
     from ftcli import recipe as recipe_mod
     from ftcli import train as train_mod
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
     r = recipe_mod.load(recipe, set_)  # a bad recipe is said once, before any process starts
     if nproc > 1 and not distributed.launched():
         raise typer.Exit(distributed.relaunch(nproc, distributed.strip_nproc(sys.argv[1:])))
-    tune_allocator()  # a process-wide malloc setting: the command's to make, not the library's
+    tune_process()  # process-wide settings (malloc, oneDNN kernel caches): the command's to make, not the library's
     console = _console()
     run_dir = train_mod.run(r, output=output or recipe_mod.default_output(r), resume=resume, overwrite=overwrite,
                             allow_pickle=allow_pickle, console=console)
@@ -92,9 +92,9 @@ def check(
 
 def _print_probe(console, r, p, k: int, allow_pickle: bool) -> None:
     from ftcli import forecast
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
-    tune_allocator()  # as `train` runs: the probe's steps and memory are the run's
+    tune_process()  # as `train` runs: the probe's steps and memory are the run's
     console.rule(f"probe: {k} real step{'s' if k > 1 else ''}")
     with console.status(f"training {k} step(s) in a temporary folder"):
         f = forecast.probe(r, p.steps, k, allow_pickle=allow_pickle)
@@ -187,9 +187,9 @@ def eval_(
     """Score a model, a run or an adapter on a dataset; --compare puts a second model beside it."""
     from ftcli import scoring
     from ftcli.errors import UserError
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
-    tune_allocator()
+    tune_process()
     fields = {}
     for item in field:
         if "=" not in item:

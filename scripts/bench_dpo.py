@@ -91,9 +91,9 @@ def worker_ftcli(args) -> dict:
     from ftcli import models
     from ftcli import recipe as recipe_mod
     from ftcli import train
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
-    tune_allocator()  # as `ftcli train` does
+    tune_process()  # as `ftcli train` does
     tmp = Path(args.tmp)
     tokenizer = models.load_tokenizer(str(models.builtin_folder("smollm2-135m-instruct")))
     keep, _, tokens = pairs(tokenizer, args.rows, args.max_len)

@@ -43,6 +43,13 @@ def encoded_rows(tokenizer, path: Path, start: int, n: int, max_len: int):
     return [e for e in encoder.encode_all(examples)[0] if e is not None]
 
 
+def peak_gpu_mb() -> float | None:
+    """The CUDA caching allocator's peak (tensors alone), where the run used a GPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -58,15 +65,21 @@ def worker_hf(args) -> dict:
     from ftcli import models
 
     torch.manual_seed(args.seed)
-    folder = str(models.builtin_folder("smollm2-135m-instruct"))
+    folder = args.base or str(models.builtin_folder("smollm2-135m-instruct"))
     tokenizer = models.load_tokenizer(folder)
-    model = models.load_model(folder)
-    if args.strategy == "lora":
+    compute = "bfloat16" if args.precision == "bf16" else "float32"
+    model = models.load_model(folder, **({"quantization": "nf4", "compute_dtype": compute}
+                                         if args.strategy == "qlora" else {}))
+    if args.strategy == "qlora":  # the standard QLoRA stack: 4-bit NF4 base (double quantisation), then LoRA
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if args.strategy in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-    rows = encoded_rows(tokenizer, DATA / "train.jsonl", 0, args.rows, args.max_len)
+    rows = encoded_rows(tokenizer, Path(args.data) / "train.jsonl", 0, args.rows, args.max_len)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels(), "attention_mask": [1] * len(e.input_ids)} for e in rows]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     seen: list[tuple[int, int]] = []  # per batch: (non-pad tokens, computed positions)
@@ -91,7 +104,8 @@ def worker_hf(args) -> dict:
                 losses.append(float(logs["loss"]))
 
     targs = TrainingArguments(output_dir=args.tmp, per_device_train_batch_size=args.batch, learning_rate=LR,
-                              num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                              num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[],
+                              use_cpu=not torch.cuda.is_available(),
                               seed=args.seed, disable_tqdm=True, bf16=args.precision == "bf16",
                               gradient_accumulation_steps=args.grad_accum)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
@@ -110,13 +124,16 @@ def worker_ftcli(args) -> dict:
     tmp = Path(args.tmp)
     from ftcli import models
 
-    tokenizer = models.load_tokenizer(str(models.builtin_folder("smollm2-135m-instruct")))
-    rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()[: args.rows]]
+    tokenizer = models.load_tokenizer(args.base or str(models.builtin_folder("smollm2-135m-instruct")))
+    rows = [json.loads(line) for line in (Path(args.data) / "train.jsonl").read_text().splitlines()[: args.rows]]
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    strategy = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": args.dropout} \
-        if args.strategy == "lora" \
-        else {"name": "full"}
-    doc = {"base_model": "smollm2-135m-instruct", "strategy": strategy,
+    strategy = {"name": "full"}
+    if args.strategy in ("lora", "qlora"):
+        strategy = {"name": args.strategy, "r": 16, "alpha": 32, "target_modules": "all-linear",
+                    "dropout": args.dropout}
+    if args.strategy == "qlora":
+        strategy["compute_dtype"] = "bfloat16" if args.precision == "bf16" else "float32"
+    doc = {"base_model": args.base or "smollm2-135m-instruct", "strategy": strategy,
            "data": {"train": str(tmp / "train.jsonl"), "format": "alpaca", "validation": None, "max_len": args.max_len,
                     "packing": not args.no_packing},
            "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
@@ -137,9 +154,9 @@ def worker_ftcli(args) -> dict:
         import ftcli.loss
 
         ftcli.loss.nll_sum = full_logits_nll_sum  # what the sft objective calls
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
-    tune_allocator()  # as `ftcli train` does
+    tune_process()  # as `ftcli train` does
     holder = {}
     run_dir = train.run(r, output=tmp / "run", progress=False,
                         hooks=train.Hooks(at_end=[lambda m: holder.setdefault("model", m)]))
@@ -166,17 +183,21 @@ def full_logits_nll_sum(model, batch):
 
 def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
     """Timings without the warm-up steps, and validation loss on held-back rows by one shared function."""
+    import torch
+
     from ftcli.evaluate import loss_metrics
     from ftcli.runtime import autocast as autocast_for
 
-    val = encoded_rows(tokenizer, DATA / "test.jsonl", 0, args.val_rows, args.max_len)
+    val = encoded_rows(tokenizer, Path(args.data) / "test.jsonl", 0, args.val_rows, args.max_len)
     pad = tokenizer.pad_token_id
     vloss = loss_metrics(model, val, batch_size=8, pad_id=pad, packing=False, pack_len=args.max_len,
-                         autocast=autocast_for(args.precision))["loss"]  # at the run's own precision
+                         autocast=autocast_for(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+                         )["loss"]  # at the run's own precision
     t, n = sum(times[WARMUP:]), sum(tokens[WARMUP:])
     return {"steps": len(times), "measured_steps": len(times) - WARMUP, "tokens_per_s": n / t,
             "s_per_step": t / max(len(times) - WARMUP, 1),
             "padding": 1 - sum(tokens) / max(sum(positions), 1), "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(),
             "final_train_loss": sum(losses[-5:]) / len(losses[-5:]), "val_loss": vloss}
 
 
@@ -190,7 +211,8 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
         cmd = [sys.executable, __file__, "--worker", system, "--strategy", strategy, "--rows", str(args.rows),
                "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
                "--tmp", tmp, "--result", str(out), "--seed", str(args.seed), "--dropout", str(args.dropout),
-               "--grad-accum", str(args.grad_accum), *extra]
+               "--grad-accum", str(args.grad_accum), "--data", args.data,
+               *(["--base", args.base] if args.base else []), *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.update(kv.split("=", 1) for flag, kv in zip(extra, extra[1:]) if flag == "--env")
         t0 = time.perf_counter()
@@ -211,7 +233,9 @@ def median(xs: list[float]) -> float:
 def summarise(runs: list[dict]) -> dict:
     """One row from the repeats of a run: medians of the timings and memory (the losses repeat exactly)."""
     out = dict(runs[0])
-    for key in ("tokens_per_s", "s_per_step", "peak_rss_mb"):
+    for key in ("tokens_per_s", "s_per_step", "peak_rss_mb", "peak_gpu_mb"):
+        if out.get(key) is None:
+            continue
         out[key] = median([r[key] for r in runs])
     out["all_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
     return out
@@ -223,6 +247,12 @@ def bf16_units() -> str:
     return " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags) or "none"
 
 
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def precision_of(extra: list[str]) -> str:
     return extra[extra.index("--precision") + 1] if "--precision" in extra else "fp32"
 
@@ -230,11 +260,12 @@ def precision_of(extra: list[str]) -> str:
 def table(results: list[tuple[str, str, list[dict], str]], ref: dict) -> str:
     """Ratios against the standard stack in fp32 (the Trainer's default) and at the row's own precision."""
     repeats = max(len(runs) for _, _, runs, _ in results)
+    gpu = any(r.get("peak_gpu_mb") is not None for _, _, runs, _ in results for r in runs)
     head = ("| strategy | system | non-pad tokens/s | s/step | padding | peak RSS MB | final train loss | val loss "
             "| tokens/s ÷ HF fp32 | tokens/s ÷ HF same precision | RSS ÷ HF fp32 |"
-            + (" ÷ HF per repeat |" if repeats > 1 else ""))
+            + (" peak GPU MB |" if gpu else "") + (" ÷ HF per repeat |" if repeats > 1 else ""))
     lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-             + (" --- |" if repeats > 1 else "")]
+             + (" ---: |" if gpu else "") + (" --- |" if repeats > 1 else "")]
     for strategy, system, runs, precision in results:
         r, hf = summarise(runs), summarise(ref[strategy])
         same = summarise(ref.get((strategy, precision), ref[strategy]))
@@ -242,6 +273,8 @@ def table(results: list[tuple[str, str, list[dict], str]], ref: dict) -> str:
                 f"{r['peak_rss_mb']:.0f} | {r['final_train_loss']:.4f} | {r['val_loss']:.4f} | "
                 f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}× | {r['tokens_per_s'] / same['tokens_per_s']:.2f}× | "
                 f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}× |")
+        if gpu:
+            line += f" {r['peak_gpu_mb']:.0f} |" if r.get("peak_gpu_mb") is not None else " – |"
         if repeats > 1:  # each repeat against the HF fp32 run of the same round
             line += " " + ", ".join(f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}" for a, b in zip(runs, ref[strategy])) + " |"
         lines.append(line)
@@ -262,6 +295,9 @@ def main() -> None:
     ap.add_argument("--slow-variants", action="store_true", help="also ftcli with torch.compile")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (PEFT's lora_dropout)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step on both sides")
+    ap.add_argument("--base", help="a model folder instead of the built-in model (e.g. random weights of its shape "
+                    "on a machine without it: scripts/gpu_bench.sh)")
+    ap.add_argument("--data", default=str(DATA), help="a folder with alpaca train.jsonl and test.jsonl")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
@@ -285,11 +321,11 @@ def main() -> None:
         res = (worker_hf if args.worker == "hf" else worker_ftcli)(args)
         Path(args.result).write_text(json.dumps(res))
         return
-    if not (DATA / "train.jsonl").is_file():
-        raise SystemExit(f"needs {DATA}/train.jsonl (the workspace's shared data)")
+    if not (Path(args.data) / "train.jsonl").is_file():
+        raise SystemExit(f"needs {args.data}/train.jsonl (the workspace's shared data, or --data)")
     results, ref = [], {}
     for strategy in args.strategies.split(","):
-        hf = "HF Trainer + PEFT" if strategy == "lora" else "HF Trainer"
+        hf = "HF Trainer + PEFT" if strategy in ("lora", "qlora") else "HF Trainer"
         runs = []
         for precision in args.precisions.split(","):  # each precision: the standard stack, then ftcli
             extra = [] if precision == "fp32" else ["--precision", precision]
@@ -329,7 +365,8 @@ def main() -> None:
             "(bf16: torch autocast on both sides; ftcli also keeps the frozen LoRA base in bf16), "
             f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
             + (f"Each run {args.repeat} times, in rounds; timings and RSS are medians. " if args.repeat > 1 else "")
-            + f"Machine: {os.cpu_count()} cores, {cpu}, bf16 units: {bf16_units()}.")
+            + f"Machine: {os.cpu_count()} cores, {cpu}, bf16 units: {bf16_units()}"
+            + (f"; GPU {gpu_name()} (peak GPU MB: torch.cuda.max_memory_allocated)." if gpu_name() else "."))
     print()
     print(text)
     print()

@@ -71,10 +71,10 @@ def main() -> None:
     from ftcli import train
     from ftcli.logs import quiet
     from ftcli.run_folder import RunFolder
-    from ftcli.runtime import tune_allocator
+    from ftcli.runtime import tune_process
 
     quiet()
-    tune_allocator()
+    tune_process()
     tmp = Path(tempfile.mkdtemp(prefix="profile-step-"))
     rows = [json.loads(x) for x in DATA.read_text().split("\n")[: args.rows] if x.strip()]
     (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
