@@ -7,7 +7,8 @@
 set -e
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+[ -n "$NO_WHEELS" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu/whl/*.whl   # NO_WHEELS=1: trying the script out where the packages are installed
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || echo "no nvidia-smi" > "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
@@ -25,7 +26,7 @@ print("random-weight base in /tmp/base:", sum(p.numel() for p in model.parameter
 PY
 strategies=lora
 python3 -c "import bitsandbytes" 2>/dev/null && strategies=lora,qlora
-python3 scripts/bench_train.py --base /tmp/base --data .gpu/alpaca --strategies $strategies --precisions bf16,fp32 \
+python3 scripts/bench_train.py --base /tmp/base --data .gpu/alpaca --strategies $strategies --precisions fp32,bf16 \
     $BENCH_ARGS --markdown "$OUT/bench_gpu.md" 2>&1 | tee "$OUT/bench_gpu.log"
 python3 scripts/bench_train.py --base /tmp/base --data .gpu/alpaca --strategies lora --precisions bf16 \
     --dropout 0.05 $BENCH_ARGS --markdown "$OUT/bench_gpu_dropout.md" 2>&1 | tee "$OUT/bench_gpu_dropout.log"
