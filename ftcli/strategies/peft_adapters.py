@@ -37,9 +37,10 @@ PEFT_TASK = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
 
 
 # PEFT's own adapter layers (not ftcli's fused LoRA layer) keep their intermediate products for backward: the
-# peak RSS of 2 real steps of recipes/{dora,loha,lokr,oft,qlora,vera}.yaml (`ftcli check --probe 2`, Intel Xeon with
-# AMX, 2026-11-30) needed 2.1–2.8× the activations of the fused path (median 2.2). Fitted on those runs.
-PEFT_LAYER_ACTIVATIONS = 2.2
+# peak RSS of 2 real steps of recipes/{dora,loha,lokr,oft,qlora,vera}.yaml (`python scripts/check_memory.py --repeat
+# 2`, Intel Xeon with AMX, 2026-11-30, oneDNN's kernel caches capped as `ftcli train` caps them) needed 1.5–1.9× the
+# activations of the fused path (median 1.6). Fitted on those runs (before the cap they needed 2.1–2.8×).
+PEFT_LAYER_ACTIVATIONS = 1.6
 
 
 class PeftAdapter(Strategy):
