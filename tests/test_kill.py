@@ -232,7 +232,9 @@ def test_killed_at_random_moments_and_signalled_then_resumed_equals_the_uninterr
     text = "\n".join(logs)
     resumed_from = [int(x.split(" from step ")[1].split()[0]) for x in text.splitlines() if x.startswith("resuming ")]
     cleaned, skipped = text.count("left half-written"), text.count("skipping checkpoint")
-    assert kills == 7 and cleaned == 3 and len(resumed_from) == len(plan)
+    # the three half-written checkpoints made on purpose are each removed; a random SIGKILL can land inside a
+    # checkpoint's writing too (it did on 2026-11-30, at every commit of that day), leaving one more to remove
+    assert kills == 7 and 3 <= cleaned <= 3 + plan.count("SIGKILL") and len(resumed_from) == len(plan)
     print(f"\n{len(plan)} stops ({', '.join(plan)}); newest checkpoint on disk after each: {seen}; "
           f"{len(resumed_from)} resumes, each from the newest checkpoint, verified by its manifest (steps "
           f"{resumed_from}); {cleaned} half-written checkpoint folders removed, {skipped} checkpoints skipped; the "
