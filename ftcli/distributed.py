@@ -62,9 +62,10 @@ def init() -> World:
 
 
 def close() -> None:
-    """Leave the process group together: a rank that tore its gloo group down while the other still printed the
-    run's summary was sometimes aborted at exit ("terminate called without an active exception", SIGABRT, after a
-    finished run: 2 of 8 runs of tests/test_distributed.py on 2026-11-30)."""
+    """Leave the process group together. Without the barrier a rank was sometimes aborted at exit after a finished
+    run ("terminate called without an active exception", SIGABRT: 2 of 8 runs of tests/test_distributed.py on
+    2026-11-30, 0 of 8 with it); likely cause: one rank destroyed its gloo group while the other was still
+    printing the run's summary."""
     if _initialized():
         import torch.distributed as dist
 
