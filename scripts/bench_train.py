@@ -366,7 +366,7 @@ def main() -> None:
             f"{WARMUP} warm-up steps excluded; validation loss on {args.val_rows} alpaca test rows. "
             + (f"Each run {args.repeat} times, in rounds; timings and RSS are medians. " if args.repeat > 1 else "")
             + f"Machine: {os.cpu_count()} cores, {cpu}, bf16 units: {bf16_units()}"
-            + (f"; GPU {gpu_name()} (peak GPU MB: torch.cuda.max_memory_allocated)." if gpu_name() else "."))
+            + (f"; GPU {gpu} (peak GPU MB: torch.cuda.max_memory_allocated)." if (gpu := gpu_name()) else "."))
     print()
     print(text)
     print()

@@ -16,6 +16,7 @@ Needs the recipes' data: `make data` (recipes/data) first.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -42,7 +43,7 @@ def main() -> None:
             print(next(r for r in runs if isinstance(r, str)), flush=True)
             continue
         peaks = sorted(r[1] for r in runs)
-        measured, estimate = peaks[len(peaks) // 2], runs[0][0]
+        measured, estimate = statistics.median_high(peaks), runs[0][0]
         spread = f"{peaks[0]:,.0f}–{peaks[-1]:,.0f} | " if args.repeat > 1 else ""
         print(f"| {name} | {estimate:,.0f} | {measured:,.0f} | {spread}{(estimate - measured) / measured:+.0%} | "
               f"{statistics.median(r[2] for r in runs):.2f} | {statistics.median(r[3] for r in runs):.0f} |",
@@ -54,8 +55,7 @@ def probe(name: str, args):
     cmd = [sys.executable, "-m", "ftcli", "check", str(ROOT / "recipes" / f"{name}.yaml"), "--probe",
            str(args.steps), *[x for o in args.overrides for x in ("--set", o)]]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"COLUMNS": "400",
-                                                                               **__import__("os").environ})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"COLUMNS": "400", **os.environ})
     wall = time.time() - t0
     m = re.search(r"peak RSS ([\d,]+) MB measured; the estimate above says ([\d,]+) MB", proc.stdout)
     s = re.search(r"median ([\d.]+) s per step", proc.stdout)

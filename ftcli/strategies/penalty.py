@@ -7,6 +7,8 @@ module's base weight. Subclasses say what w is (`weights`) and what multiplies t
 
 from __future__ import annotations
 
+import functools
+
 from typing import Annotated, ClassVar, Union
 
 from pydantic import Field
@@ -126,21 +128,18 @@ class Anchored(Strategy):
 
 def weight_penalty(w, star, p):
     """Σ w·(p − θ*)²; its gradient with respect to p: 2·w·(p − θ*)."""
-    return _functions()["weight"].apply(w, star, p)
+    return _functions()[0].apply(w, star, p)
 
 
 def lora_penalty(w, a, b, scale: float):
     """Σ w·ΔW², ΔW = s·B·A; with G = 2·s²·w·(B·A) its gradients are Bᵀ·G for A and G·Aᵀ for B."""
-    return _functions()["lora"].apply(w, a, b, float(scale))
+    return _functions()[1].apply(w, a, b, float(scale))
 
 
-_FUNCTIONS: dict = {}
-
-
-def _functions() -> dict:
-    """The autograd functions, defined on first use (strategies are imported by `check`, which needs no torch)."""
-    if _FUNCTIONS:
-        return _FUNCTIONS
+@functools.cache
+def _functions():
+    """The two autograd functions, defined on first use (strategies are imported by `check`, which needs no
+    torch). Their forward and backward run without autograd recording, so they work on the tensors directly."""
     import torch
 
     class WeightPenalty(torch.autograd.Function):
@@ -148,12 +147,12 @@ def _functions() -> dict:
         def forward(ctx, w, star, p):
             ctx.save_for_backward(w, star, p)
             with torch.autocast(p.device.type, enabled=False):
-                return (p.detach() - star).square_().mul_(w).sum()
+                return (p - star).square_().mul_(w).sum()
 
         @staticmethod
         def backward(ctx, g):
             w, star, p = ctx.saved_tensors
-            return None, None, (p.detach() - star).mul_(w).mul_(2 * g)
+            return None, None, (p - star).mul_(w).mul_(2 * g)
 
     class LoraPenalty(torch.autograd.Function):
         @staticmethod
@@ -161,14 +160,13 @@ def _functions() -> dict:
             ctx.save_for_backward(w, a, b)
             ctx.scale = scale
             with torch.autocast(a.device.type, enabled=False):
-                return (b.detach() @ a.detach()).mul_(scale).square_().mul_(w).sum()
+                return (b @ a).mul_(scale).square_().mul_(w).sum()
 
         @staticmethod
         def backward(ctx, g):
             w, a, b = ctx.saved_tensors
             with torch.autocast(a.device.type, enabled=False):
-                G = (b.detach() @ a.detach()).mul_(w).mul_(2 * ctx.scale * ctx.scale * g)
-                return None, b.detach().t() @ G, G @ a.detach().t(), None
+                G = (b @ a).mul_(w).mul_(2 * ctx.scale * ctx.scale * g)
+                return None, b.t() @ G, G @ a.t(), None
 
-    _FUNCTIONS.update(weight=WeightPenalty, lora=LoraPenalty)
-    return _FUNCTIONS
+    return WeightPenalty, LoraPenalty
