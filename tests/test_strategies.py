@@ -302,3 +302,44 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
         other = results[1][1][n]
         assert other.dtype == torch.float32
         assert float((g - other).norm() / g.norm()) < 3e-2, n
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_gradients_under_bf16_are_sums_in_float32(dropout):
+    """Under bf16 autocast the adapter's gradients are summed over tokens in float32: the gradient of a batch
+    equals the sum of its two halves' to float32 rounding (what makes 2 processes × batch 4 end where 1 × 8 does),
+    and equals the float64 sum of the same bf16 operands. A bf16 product rounds each sum to 8 bits (≈ 4e-3)."""
+    from ftcli.strategies.lora_fused import _LoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out, r, s = 96, 64, 48, 4, 2.0
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g).bfloat16()
+    a = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
+    dy = torch.randn(n, d_out, generator=g)
+
+    def grads(rows):
+        a.grad = b.grad = None
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = _LoraLinear.apply(x[rows], w, None, a, b, s, torch.bfloat16, dropout)
+        (y.float() * dy[rows]).sum().backward()
+        return a.grad.clone(), b.grad.clone()
+
+    whole = grads(slice(None))
+    assert all(t.dtype == torch.float32 for t in whole)
+    if not dropout:  # (the masks of two halves are other draws than the whole's)
+        halves = [grads(slice(0, n // 2)), grads(slice(n // 2, n))]
+        for i in range(2):
+            parts = halves[0][i] + halves[1][i]
+            assert float((parts - whole[i]).abs().max() / whole[i].abs().max()) < 1e-5
+    # the reference: float64 sums of the bf16 operands autocast makes (dY, dY·B, X·Aᵀ and A's input X
+    # or its dropped-out copy: the same mask, drawn again from the same seed)
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+    torch.manual_seed(1)
+    xin = bf(torch.native_dropout(x, dropout, True)[0] if dropout else x)
+    dyb = bf(bf(dy) @ bf(b.detach()))
+    xa = bf(bf(xin) @ bf(a.detach()).T)
+    assert torch.allclose(whole[0].double(), s * dyb.T @ xin, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(whole[1].double(), s * bf(dy).T @ xa, rtol=1e-5, atol=1e-5)

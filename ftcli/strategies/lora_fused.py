@@ -28,8 +28,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 
 class _LoraLinear(torch.autograd.Function):
     """Every product in `dtype`: the parameters' dtype, or autocast's (bf16) with the frozen weight stored in it
-    or cast per call, as autocast would. Gradients of A and B leave in `dtype`; autograd casts them to the
-    parameters' dtype."""
+    or cast per call, as autocast would; the gradients of A and B are summed in float32 at least (below)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scale: float, dtype: torch.dtype, p: float = 0.0):
@@ -62,8 +61,15 @@ class _LoraLinear(torch.autograd.Function):
                 else:
                     dx = (dy2 @ weight).add_((dyb @ a).mul_(mask).mul_(s / (1 - ctx.p)))
                 dx = dx.view(ctx.x_shape)
-            da = (dyb.t() @ xin).mul_(s) if ctx.needs_input_grad[3] else None
-            db = (dy2.t() @ xa).mul_(s) if ctx.needs_input_grad[4] else None
+            # The adapter's gradients are sums over every token. Under autocast they are summed in float32 from
+            # the bf16 operands of the forward (X or its dropped-out copy, X·Aᵀ, dY, dY·B), never rounded to
+            # bf16 as autocast's own product rounds them: a product of two bf16 numbers is exact in float32,
+            # so a batch's gradient is the sum of its parts' to float32 rounding whatever the order, and
+            # several processes end where one does (issue 8). The thin [r × tokens] products cost the same in
+            # either precision here (docs/benchmarks.md); the casts of X and dY are the price.
+            acc = torch.promote_types(weight.dtype, torch.float32)
+            da = (dyb.t().to(acc) @ xin.to(acc)).mul_(s) if ctx.needs_input_grad[3] else None
+            db = (dy2.t().to(acc) @ xa.to(acc)).mul_(s) if ctx.needs_input_grad[4] else None
         return dx, None, None, da, db, None, None, None
 
 
