@@ -222,7 +222,8 @@ class Training(_Section):
     pass_tokens: int | None = Field(
         None, ge=1, description="positions (rows × length) per forward/backward pass; a micro-batch over it runs in "
         "several passes of whole rows with the same gradient and less memory. null: 512 (at least data.max_len)")
-    compile: bool = Field(False, description="torch.compile the decoder (pays on runs of more than a few minutes)")
+    compile: bool = Field(False, description="torch.compile the decoder (dynamic shapes); on a 2-core CPU with "
+                          "packed rows it had not finished compiling after 13 minutes (docs/benchmarks.md)")
     router_aux_loss: float | None = Field(
         None, ge=0, description="mixture-of-experts bases: coefficient of the router's load-balancing loss added to "
         "the training loss; null: the model config's router_aux_loss_coef; 0: off")
