@@ -127,3 +127,10 @@ def autocast(precision: str, device_type: str = "cpu"):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_gpu_mb() -> float | None:
+    """The CUDA caching allocator's peak (tensors alone) where the process used a GPU; None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

@@ -49,7 +49,7 @@ from ftcli.loss import causal_lm
 from ftcli.objectives import Objective
 from ftcli.run_folder import RunFolder
 from ftcli.runtime import autocast as autocast_for
-from ftcli.runtime import peak_rss_mb
+from ftcli.runtime import peak_gpu_mb, peak_rss_mb
 from ftcli.strategies import Context, Strategy
 from ftcli.vocab import CANDIDATES
 
@@ -762,7 +762,7 @@ def _summary(setup: Setup, trainer: Trainer, state: TrainState, status: str, mes
             "s_per_step": secs / max(done, 1) if state.step else None,
             "padding_fraction": 1 - state.tokens / state.positions if state.positions else 0.0,
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+            "peak_gpu_mb": None if (gpu := peak_gpu_mb()) is None else round(gpu, 1),
             "train_seconds": state.train_seconds,
             "tokens": state.tokens,
         },

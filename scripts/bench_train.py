@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,21 +40,6 @@ def encoded_rows(tokenizer, path: Path, start: int, n: int, max_len: int):
     examples = load_examples(str(path), "alpaca", {}, limit=start + n)[start:]
     encoder = Encoder(tokenizer, None, max_len, "truncate", "alpaca")
     return [e for e in encoder.encode_all(examples)[0] if e is not None]
-
-
-def peak_gpu_mb() -> float | None:
-    """The CUDA caching allocator's peak (tensors alone), where the run used a GPU."""
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -------------------------------------------------------------------------------------------------------------
-# workers (each runs in its own process)
 
 
 def worker_hf(args) -> dict:
@@ -187,6 +171,7 @@ def finish(args, model, tokenizer, times, tokens, positions, losses) -> dict:
 
     from ftcli.evaluate import loss_metrics
     from ftcli.runtime import autocast as autocast_for
+    from ftcli.runtime import peak_gpu_mb, peak_rss_mb
 
     val = encoded_rows(tokenizer, Path(args.data) / "test.jsonl", 0, args.val_rows, args.max_len)
     pad = tokenizer.pad_token_id
