@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from ftcli import atomic, checkpoint, distributed, optimizers, parallel, report, scoring, trackers
+from ftcli import atomic, attention, checkpoint, distributed, optimizers, parallel, report, scoring, trackers
 from ftcli.data import DataBundle
 from ftcli.data.batching import plan_epoch, shard_step
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
@@ -428,6 +428,9 @@ class Trainer:
         self.world = distributed.world()
         self.device = distributed.device()
         self.model = setup.model.to(self.device)
+        # packed rows whose examples attention keeps apart by their spans (ftcli/attention.py) can be laid end to
+        # end in one row per pass, padding dropped (data/batching.py, Batch.split)
+        self.flat_passes = attention.installed(causal_lm(self.model))
         self.pad_id = pad_id(setup.tokenizer)
         # bf16 is torch's autocast, entered here (not a process-wide mixed-precision setting that a second run in
         # the same process could not change)
@@ -538,7 +541,7 @@ class Trainer:
         self.strategy.on_step(step + 1, self.model)
         t0 = time.perf_counter()
         batches = self.micro_batches(step)
-        passes = [part for b in batches for part in b.split(self.recipe.pass_positions())]
+        passes = [part for b in batches for part in b.split(self.recipe.pass_positions(), flat=self.flat_passes)]
         local = [sum(self.objective.count(b) for b in batches), sum(b.n_tokens for b in batches),
                  sum(b.n_trained for b in batches), sum(p.n_positions for p in passes), len(passes)]
         *sums, n_passes = distributed.all_gather_numbers(local)

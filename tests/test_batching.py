@@ -109,6 +109,38 @@ def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer
         assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
 
 
+def test_flat_passes_lay_rows_end_to_end_with_the_same_loss_and_gradient(tiny_model_dir, tiny_tokenizer, encoded):
+    """Packed rows laid end to end in one row per pass (no padding) give the batch's summed loss and gradient,
+    on ftcli's per-example attention and on transformers' mask from restarting positions alike."""
+    from ftcli.attention import installed
+
+    batch = collate(encoded, tiny_tokenizer.pad_token_id, packing=True, pack_len=40)
+    rows, width = batch.input_ids.shape
+    assert rows > 2 and batch.n_positions > batch.n_tokens  # several padded rows
+    whole = batch.split(10_000, flat=True)
+    assert len(whole) == 1 and whole[0].input_ids.shape == (1, batch.n_tokens)
+    two = batch.split(2 * width, flat=True)
+    assert 1 < len(two) < rows and all(p.input_ids.shape[0] == 1 for p in two)
+    assert collate(encoded, tiny_tokenizer.pad_token_id, False, 40).split(10_000, flat=True)[0].input_ids.shape[0] > 1
+    for packed_attention in (True, False):
+        model = load_model(str(tiny_model_dir))
+        if not packed_attention:
+            model.set_attn_implementation("sdpa")
+        assert installed(model) == packed_attention
+        grads = []
+        for passes in ([batch], whole, two):
+            model.zero_grad()
+            total = 0.0
+            for p in passes:
+                loss = nll_sum(model, p)
+                loss.backward()
+                total += float(loss.detach())
+            grads.append((total, model.model.layers[1].self_attn.q_proj.weight.grad.clone()))
+        for total, grad in grads[1:]:
+            assert total == pytest.approx(grads[0][0], rel=1e-5)
+            assert torch.allclose(grad, grads[0][1], rtol=1e-4, atol=1e-7)
+
+
 def test_padded_batch_loss_equals_one_by_one(tiny_model, tiny_tokenizer, encoded):
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():

@@ -188,12 +188,22 @@ def test_collate_keeps_every_trained_token_once_and_every_example_to_itself(exs,
             assert spans[-1][1] == batch.input_ids.shape[1] or spans[-1][1] == batch.row_tokens[r]
             for s0, s1 in spans:
                 assert len(set(seq[s0:s1])) == 1
-    for width in (1, 30, 10_000):  # a split into passes keeps every trained token too
-        parts = batch.split(width)
-        assert sum(p.n_trained for p in parts) == batch.n_trained
-        got = sorted((seq_to_example[s + sum(q.n_sequences for q in parts[:k])], pos, tok)
-                     for k, p in enumerate(parts) for s, pos, tok in trained_tokens(p))
-        assert got == want
+    for width in (1, 30, 10_000):  # a split into passes keeps every trained token too, rows flat or not
+        for flat in (False, True):
+            parts = batch.split(width, flat=flat)
+            assert sum(p.n_trained for p in parts) == batch.n_trained
+            assert sum(p.n_tokens for p in parts) == batch.n_tokens
+            got = sorted((seq_to_example[s + sum(q.n_sequences for q in parts[:k])], pos, tok)
+                         for k, p in enumerate(parts) for s, pos, tok in trained_tokens(p))
+            assert got == want
+            if flat and batch.example_bounds is not None:  # one row per part, no pad position, spans tile it
+                assert all(p.input_ids.shape[0] == 1 and p.n_positions == p.n_tokens for p in parts)
+                assert all(p.n_tokens <= width or p.n_tokens in batch.row_tokens for p in parts)  # over: one row
+                for p in parts:
+                    spans = p.example_bounds[0]
+                    assert spans[0][0] == 0 and spans[-1][1] == p.n_tokens
+                    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+                    assert all(len(set(p.seq_ids[0, s0:s1].tolist())) == 1 for s0, s1 in spans)
 
 
 @given(st.lists(st.integers(1, 500), min_size=1, max_size=200), st.integers(1, 16), st.integers(1, 4),

@@ -26,7 +26,9 @@ for it (a reference's log-probs, a teacher's top-k).
 A packed batch also carries each example's [start, end) span per row (`example_bounds`), so attention can run on
 each example alone instead of over a masked row (ftcli/attention.py). A micro-batch wider than a forward pass
 should be (`split`) runs as several passes of whole rows, trimmed to their own longest row: the summed loss and
-its gradient are the same, the activation memory is that of one pass.
+its gradient are the same, the activation memory is that of one pass. Where attention runs on those spans, the
+rows of a pass are laid end to end in one row and their padding dropped (`flat`): rows are only the packing's
+unit, so a pass of several short rows computes no pad position.
 """
 
 from __future__ import annotations
@@ -63,28 +65,55 @@ class Batch:
         """The sequence of every trained token [n], in row-major order (the order of loss.trained_hidden)."""
         return self.seq_ids[:, 1:][self.labels[:, 1:] != -100]
 
-    def split(self, max_positions: int) -> list["Batch"]:
+    def split(self, max_positions: int, flat: bool = False) -> list["Batch"]:
         """Consecutive whole rows in parts of at most `max_positions` positions (at least one row each), each
-        cut to its own longest row; the parts' counts add up to the batch's."""
+        cut to its own longest row; the parts' counts add up to the batch's. `flat` (packed rows, attention that
+        keeps each example to its own span): each part's rows are laid end to end in one row without their
+        padding, so a part of several rows computes no pad position and runs as one longer product."""
         import torch
 
         rows, width = self.input_ids.shape
-        if self.row_tokens is None or rows * width <= max_positions:
+        if self.row_tokens is None:
             return [self]
-        per_part = max(1, max_positions // width)
+        flat = flat and self.example_bounds is not None
+        if not flat and rows * width <= max_positions:
+            return [self]
+        groups: list[list[int]] = []
+        if flat:  # greedy: as many consecutive rows as fit in max_positions real tokens
+            room = 0
+            for r, n in enumerate(self.row_tokens):
+                if groups and n <= room:
+                    groups[-1].append(r)
+                    room -= n
+                else:
+                    groups.append([r])
+                    room = max_positions - n
+        else:
+            per_part = max(1, max_positions // width)
+            groups = [list(range(r, min(r + per_part, rows))) for r in range(0, rows, per_part)]
         parts = []
-        for r in range(0, rows, per_part):
-            sl = slice(r, min(r + per_part, rows))
-            w = max(self.row_tokens[sl])
-            ids, labels, pos = self.input_ids[sl, :w], self.labels[sl, :w], self.position_ids[sl, :w]
-            bounds = None
-            if self.example_bounds is not None:
-                bounds = [[(s, min(e, w)) for s, e in spans if s < w] for spans in self.example_bounds[sl]]
-            seq = self.seq_ids[sl, :w]
+        for group in groups:
+            sl = slice(group[0], group[-1] + 1)
+            if flat:
+                cut = [(r, self.row_tokens[r]) for r in group]
+                ids, labels, pos, seq = (torch.cat([t[r, :n] for r, n in cut])[None]
+                                         for t in (self.input_ids, self.labels, self.position_ids, self.seq_ids))
+                bounds, at = [[]], 0
+                for r, n in cut:
+                    bounds[0] += [(at + s, at + e) for s, e in self.example_bounds[r] if s < n]
+                    at += n
+            else:
+                w = max(self.row_tokens[sl])
+                ids, labels, pos, seq = (t[sl, :w] for t in (self.input_ids, self.labels, self.position_ids,
+                                                              self.seq_ids))
+                bounds = None
+                if self.example_bounds is not None:
+                    bounds = [[(s, min(e, w)) for s, e in spans if s < w] for spans in self.example_bounds[sl]]
             live = seq[seq >= 0]  # rows hold consecutive sequence numbers: renumber from 0
             lo, hi = (int(live.min()), int(live.max()) + 1) if live.numel() else (0, 0)
+            row_tokens = [sum(self.row_tokens[sl])] if flat else self.row_tokens[sl]
             parts.append(Batch(ids, labels, pos, self.units_in(lo, hi), sum(self.row_tokens[sl]),
-                               int((labels != -100).sum()), ids.numel(), self.row_tokens[sl], bounds,
+                               int((labels != -100).sum()), ids.numel(), row_tokens, bounds,
                                torch.where(seq >= 0, seq - lo, seq), self.sequences[lo:hi]))
         return parts
 
