@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not distributed"
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not compiled"
 
 bench: setup
 	$(BIN)/python scripts/bench_train.py

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from ftcli import atomic, attention, checkpoint, distributed, optimizers, parallel, report, scoring, trackers
+from ftcli.compiled import compile_layers, eager
 from ftcli.data import DataBundle
 from ftcli.data.batching import plan_epoch, shard_step
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
@@ -351,7 +352,7 @@ class Evaluator:
     def validate(self, step: int, generation: bool) -> dict:
         if self.data.validation is None:
             return {}
-        with self.gathered():
+        with self.gathered(), eager():  # compiled blocks (training.compile) run eagerly: the numbers of every run
             return self._validate(step, generation)
 
     def _validate(self, step: int, generation: bool) -> dict:
@@ -392,7 +393,7 @@ class Evaluator:
     def score_retention(self) -> list[dict]:
         r = self.recipe
         lm = self.objective.language_model(self.model) if self.retention else None
-        with self.gathered():
+        with self.gathered(), eager():
             return [scoring.score(lm, self.tokenizer, es, template=r.data.chat_template,
                                   batch_size=r.training.batch_size, max_new_tokens=r.eval.max_new_tokens,
                                   autocast=self.autocast, examples=es.examples)
@@ -451,7 +452,7 @@ class Trainer:
         # what watches every update (taken from the freshly loaded weights, so a resumed run sees the same start)
         self.watchers = watchers(self.recipe, self.strategy, self.named)
         if t.compile:
-            causal_lm(self.model).get_decoder().compile(dynamic=True)
+            compile_layers(self.model)
         self.metrics_log = (report.MetricsLog(folder.path, trackers.open_all(self.recipe, folder.path))
                             if self.world.main else _NoLog())
         self._plans: dict[int, list] = {}

@@ -323,7 +323,7 @@ def main() -> None:
                      ("ftcli, glibc allocator defaults", "ftcli", ["--env", "FTCLI_ALLOCATOR=default"]),
                      ("ftcli, PEFT's LoRA layer", "ftcli", ["--peft-layer"]),
                      ("ftcli, one pass per micro-batch", "ftcli", ["--pass-tokens", "100000"])]
-        if args.slow_variants:  # compiling takes about a minute and a half: it pays on long runs only
+        if args.slow_variants:  # training.compile: a few seconds of compiling, a few percent per step
             runs += [("ftcli, torch.compile", "ftcli", ["--compile"])]
         done: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
         for rep in range(args.repeat):  # rounds of every run in turn, so slow spells of the machine hit all alike

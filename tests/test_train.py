@@ -150,6 +150,40 @@ def test_bf16_precision_trains_and_tracks_fp32(tmp_path, tiny_model_dir, additio
     assert report["after"]["loss"] < report["before"]["loss"]
 
 
+@pytest.mark.compiled
+def test_compiled_layers_train_as_eager_and_save_the_same_adapter(tmp_path, tiny_model_dir, addition_data):
+    """training.compile: the blocks beside attention are compiled in place: per-step losses equal the eager run's
+    (fp32), validation's are an uncompiled run's, the adapter's tensor names are PEFT's, and attention stays
+    uncompiled (one graph whatever the rows)."""
+    from ftcli.compiled import compile_layers
+    from ftcli.models import load_model
+
+    sections = dict(strategy={"name": "lora", "r": 4, "alpha": 8},
+                    training={"max_steps": 6, "batch_size": 8, "lr": 1e-2, "schedule": "constant"})
+    (tmp_path / "eager").mkdir(), (tmp_path / "compiled").mkdir()
+    eager = run(make_recipe(tmp_path / "eager", tiny_model_dir, addition_data, **sections))
+    compiled = run(make_recipe(tmp_path / "compiled", tiny_model_dir, addition_data, **sections),
+                   "training.compile=true")
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+    outs = []  # in bf16, where compiled kernels round differently, validation is still the eager run's
+    for mode in ("eager", "compiled"):
+        (tmp_path / f"{mode}-bf16").mkdir()
+        outs.append(run(make_recipe(tmp_path / f"{mode}-bf16", tiny_model_dir, addition_data, **sections),
+                        "training.precision=bf16", f"training.compile={mode == 'compiled'}", "training.max_steps=1"))
+    before = [json.loads((out / "report.json").read_text())["before"]["loss"] for out in outs]
+    assert before[0] == before[1]
+    a, b = (load_file(str(out / "adapter" / "adapter_model.safetensors")) for out in (eager, compiled))
+    assert sorted(a) == sorted(b) and all(".lora_A." in k or ".lora_B." in k for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-6) for k in a)
+    model = load_model(str(tiny_model_dir))
+    names = [n for n, _ in model.named_parameters()]
+    n = compile_layers(model)
+    layer = model.model.layers[0]
+    assert n == 3 * len(model.model.layers)  # input norm, post-attention norm, MLP
+    assert layer.mlp._compiled_call_impl is not None and layer.self_attn._compiled_call_impl is None
+    assert [n for n, _ in model.named_parameters()] == names
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_a_checkpoint(tmp_path, tiny_model_dir, addition_data, monkeypatch):
     import ftcli.loss as loss_mod
 
