@@ -84,6 +84,21 @@ def test_per_example_attention_equals_the_masked_row(tiny_model_dir, tiny_tokeni
     assert_same_loss_and_gradient(model, batch, masked)
 
 
+def assert_passes_add_up(model, reference: list, passes: list, weight) -> None:
+    """The summed loss over `passes` and the gradient it leaves on `weight(model)` equal the reference passes'."""
+    out = []
+    for parts in (reference, passes):
+        model.zero_grad()
+        total = 0.0
+        for p in parts:
+            loss = nll_sum(model, p)
+            loss.backward()
+            total += float(loss.detach())
+        out.append((total, weight(model).grad.clone()))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    assert torch.allclose(out[1][1], out[0][1], rtol=1e-4, atol=1e-7)
+
+
 def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer, encoded):
     """A micro-batch split into forward/backward passes gives the same summed loss and gradient, and its parts
     keep every token, trained token and example."""
@@ -96,17 +111,7 @@ def test_passes_of_whole_rows_add_up_to_the_batch(tiny_model_dir, tiny_tokenizer
         assert sum(p.n_trained for p in parts) == batch.n_trained
         assert sum(p.n_examples for p in parts) == batch.n_examples
         assert sum(p.n_positions for p in parts) < batch.n_positions  # each part trimmed to its longest row
-        grads = []
-        for passes in ([batch], parts):
-            model.zero_grad()
-            total = 0.0
-            for p in passes:
-                loss = nll_sum(model, p)
-                loss.backward()
-                total += float(loss.detach())
-            grads.append((total, model.model.layers[1].mlp.down_proj.weight.grad.clone()))
-        assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
-        assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+        assert_passes_add_up(model, [batch], parts, lambda m: m.model.layers[1].mlp.down_proj.weight)
 
 
 def test_flat_passes_lay_rows_end_to_end_with_the_same_loss_and_gradient(tiny_model_dir, tiny_tokenizer, encoded):
@@ -127,18 +132,8 @@ def test_flat_passes_lay_rows_end_to_end_with_the_same_loss_and_gradient(tiny_mo
         if not packed_attention:
             model.set_attn_implementation("sdpa")
         assert installed(model) == packed_attention
-        grads = []
-        for passes in ([batch], whole, two):
-            model.zero_grad()
-            total = 0.0
-            for p in passes:
-                loss = nll_sum(model, p)
-                loss.backward()
-                total += float(loss.detach())
-            grads.append((total, model.model.layers[1].self_attn.q_proj.weight.grad.clone()))
-        for total, grad in grads[1:]:
-            assert total == pytest.approx(grads[0][0], rel=1e-5)
-            assert torch.allclose(grad, grads[0][1], rtol=1e-4, atol=1e-7)
+        for passes in (whole, two):
+            assert_passes_add_up(model, [batch], passes, lambda m: m.model.layers[1].self_attn.q_proj.weight)
 
 
 def test_padded_batch_loss_equals_one_by_one(tiny_model, tiny_tokenizer, encoded):
