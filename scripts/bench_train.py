@@ -277,7 +277,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16",
                     help="each runs the standard stack and ftcli (bf16: autocast; pays on CPUs with AMX or AVX-512 BF16)")
     ap.add_argument("--variants", action="store_true", help="also ftcli with one optimisation turned off at a time")
-    ap.add_argument("--slow-variants", action="store_true", help="also ftcli with torch.compile")
+    ap.add_argument("--slow-variants", action="store_true",
+                    help="also ftcli with training.compile, at each precision")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (PEFT's lora_dropout)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step on both sides")
     ap.add_argument("--base", help="a model folder instead of the built-in model (e.g. random weights of its shape "
@@ -316,6 +317,8 @@ def main() -> None:
             extra = [] if precision == "fp32" else ["--precision", precision]
             tag = "" if precision == "fp32" else f", {precision} autocast"
             runs += [(hf + tag, "hf", extra), ("ftcli" + tag, "ftcli", extra)]
+            if args.slow_variants:  # training.compile: a few seconds of compiling, a few percent per step
+                runs += [("ftcli" + tag + ", training.compile", "ftcli", extra + ["--compile"])]
         if args.variants:  # each of ftcli's optimisations turned off alone
             runs += [("ftcli, packing off", "ftcli", ["--no-packing"]),
                      ("ftcli, masked attention over packed rows", "ftcli", ["--no-packed-attention"]),
@@ -323,8 +326,6 @@ def main() -> None:
                      ("ftcli, glibc allocator defaults", "ftcli", ["--env", "FTCLI_ALLOCATOR=default"]),
                      ("ftcli, PEFT's LoRA layer", "ftcli", ["--peft-layer"]),
                      ("ftcli, one pass per micro-batch", "ftcli", ["--pass-tokens", "100000"])]
-        if args.slow_variants:  # training.compile: a few seconds of compiling, a few percent per step
-            runs += [("ftcli, torch.compile", "ftcli", ["--compile"])]
         done: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
         for rep in range(args.repeat):  # rounds of every run in turn, so slow spells of the machine hit all alike
             for label, system, extra in runs:
