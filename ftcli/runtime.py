@@ -17,6 +17,10 @@ worker, one run each), peak RSS 2,841 MB with the defaults (fp32: 2,313), 2,139 
 3,997 at 32 (449, 462 and 452 tokens/s). A step's ≈ 25 product shapes fit in 32, and a kernel evicted is
 recompiled only for a length that comes back. `tune_process()` sets both to KERNEL_CACHE unless the user set them;
 it must run before the process's first bf16 product (the caches read the variables then).
+
+`training.compile` (ftcli/compiled.py) keeps inductor's compiled graphs on disk; `tune_process()` puts them beside
+ftcli's other caches (`FTCLI_CACHE`, default ~/.cache/ftcli, folder inductor) unless TORCHINDUCTOR_CACHE_DIR is set,
+so they outlive /tmp and a later run of the same model reuses them.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ KERNEL_CACHE = 32
 
 def tune_process() -> None:
     """The process-wide settings a training or scoring command makes (the commands', not the library's): glibc's
-    heap thresholds and the size of oneDNN's kernel caches (see the module docstring)."""
+    heap thresholds, the size of oneDNN's kernel caches and where inductor caches (see the module docstring)."""
+    from ftcli.models import cache_root
+
     tune_allocator()
     for var in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         os.environ.setdefault(var, str(KERNEL_CACHE))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 def tune_allocator() -> bool:

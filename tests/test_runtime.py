@@ -1,5 +1,5 @@
-"""Process-wide settings belong to the commands: `tune_process` caps oneDNN's kernel caches unless the user sized
-them, and importing the library sets nothing."""
+"""Process-wide settings belong to the commands: `tune_process` caps oneDNN's kernel caches and puts inductor's
+beside ftcli's unless the user set them, and importing the library sets nothing."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 from ftcli.runtime import KERNEL_CACHE
 
-VARS = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+VARS = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _env(**extra) -> dict:
@@ -21,9 +21,10 @@ def _python(code: str, env: dict) -> list[str]:
     return proc.stdout.split()
 
 
-def test_tune_process_caps_the_kernel_caches_unless_the_user_sized_them():
+def test_tune_process_caps_the_kernel_caches_unless_the_user_sized_them(tmp_path):
     show = "import os; print(*(os.environ.get(v, '-') for v in %r))" % (VARS,)
-    assert _python(f"from ftcli.runtime import tune_process; tune_process(); {show}", _env()) == [str(KERNEL_CACHE)] * 2
-    assert _python(f"from ftcli.runtime import tune_process; tune_process(); {show}",
-                   _env(LRU_CACHE_CAPACITY="7")) == ["7", str(KERNEL_CACHE)]
-    assert _python(f"import ftcli.train, ftcli.scoring; {show}", _env()) == ["-", "-"]  # the library sets nothing
+    tune = f"from ftcli.runtime import tune_process; tune_process(); {show}"
+    inductor = str(tmp_path / "inductor")
+    assert _python(tune, _env(FTCLI_CACHE=str(tmp_path))) == [str(KERNEL_CACHE)] * 2 + [inductor]
+    assert _python(tune, _env(LRU_CACHE_CAPACITY="7", TORCHINDUCTOR_CACHE_DIR="/x")) == ["7", str(KERNEL_CACHE), "/x"]
+    assert _python(f"import ftcli.train, ftcli.scoring; {show}", _env()) == ["-"] * 3  # the library sets nothing
