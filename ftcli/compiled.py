@@ -11,8 +11,8 @@ blocks share their code, so one graph per kind of block serves all layers; induc
 (keyed on the graph; ftcli's commands put that cache in ftcli's own cache folder: runtime.tune_process), so a later
 run of the same model reuses them, and a changed model or dtype compiles anew. Validation, generation and the
 retention sets run eagerly (`eager`): their numbers are those of an uncompiled run, and generation's one-token steps
-compile nothing. Measured (docs/benchmarks.md, 2 CPU cores): steps 3-8% faster after ≈ 8 s of compiling the first
-time and ≈ 2 s from the cache; it pays from about 100 steps, 40 with the cache.
+compile nothing. Measured (docs/benchmarks.md, 2 CPU cores): steps 3-8% faster after 8-15 s of compiling the first
+time and 2-4 s from the cache; it pays from 100-250 steps, about 40 with the cache.
 """
 
 from __future__ import annotations

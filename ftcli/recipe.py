@@ -224,8 +224,8 @@ class Training(_Section):
         "several passes of whole rows with the same gradient and less memory. null: 512 (at least data.max_len); "
         "2048: ≈ 5% faster bf16 LoRA on a 2-core CPU for ≈ 40% more peak memory (docs/benchmarks.md)")
     compile: bool = Field(False, description="torch.compile each decoder layer's blocks beside attention (norms, "
-                          "MLP; dynamic shapes); on a 2-core CPU 3-8% faster steps after 8 s of compiling, 2 s once "
-                          "cached: pays from about 100 steps, 40 cached (docs/benchmarks.md)")
+                          "MLP; dynamic shapes); on a 2-core CPU 3-8% faster steps after 8-15 s of compiling, 2-4 s "
+                          "once cached: pays from 100-250 steps, 40 cached (docs/benchmarks.md)")
     router_aux_loss: float | None = Field(
         None, ge=0, description="mixture-of-experts bases: coefficient of the router's load-balancing loss added to "
         "the training loss; null: the model config's router_aux_loss_coef; 0: off")
