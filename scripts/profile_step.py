@@ -1,12 +1,13 @@
-"""Where the time of one LoRA training step goes, by category, on the built-in model (torch.profiler).
+"""Where the time of one LoRA (or full fine-tuning) step goes, by category, on the built-in model (torch.profiler).
 
-Builds the same Trainer as `ftcli train` (LoRA r=16 on every linear layer, packed rows of alpaca training data),
-runs WARMUP steps, then profiles STEPS steps at each precision and prints a table: self CPU time per category of
+Builds the same Trainer as `ftcli train` (LoRA r=16 on every linear layer, or full fine-tuning with --strategy
+full; packed rows of alpaca training data), runs WARMUP steps, then profiles STEPS steps at each precision and prints a table: self CPU time per category of
 operator (big matmuls, LoRA's rank-r products, attention forward/backward, norms and activations, dtype casts,
 the output head and loss, the optimiser, everything else), and the step's wall time. The categories come from the
 operators' names and shapes (see `category`); "Python and other" is the step's wall time not inside any operator.
 
-    python scripts/profile_step.py [--precisions fp32,bf16] [--batch 4] [--max-len 512] [--steps 3] [--top N]
+    python scripts/profile_step.py [--precisions fp32,bf16] [--strategy lora|full] [--batch 4] [--max-len 512]
+                                   [--steps 3] [--top N]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def category(name: str, shapes: list, rank: int) -> str:
             return "LoRA rank-r products"
         if any(d >= 40000 for d in dims):
             return "head: output projection"
-        return "big matmuls (frozen weights)"
+        return "big matmuls (the model's weights)"
     if n in ("aten::to", "aten::_to_copy", "aten::copy_") :
         return "dtype casts and copies"
     if any(k in n for k in ("rsqrt", "pow", "mean", "silu", "mul", "add", "sigmoid", "neg", "cat", "cos", "sin",
@@ -53,6 +54,7 @@ def category(name: str, shapes: list, rank: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--strategy", choices=("lora", "full"), default="lora")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--rows", type=int, default=64)
@@ -81,7 +83,8 @@ def main() -> None:
     results = {}
     for precision in args.precisions.split(","):
         doc = {"base_model": "smollm2-135m-instruct",
-               "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+               "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+               if args.strategy == "lora" else {"name": "full"},
                "data": {"train": str(tmp / "d.jsonl"), "format": "alpaca", "validation": None,
                         "max_len": args.max_len},
                "training": {"max_steps": 1000, "batch_size": args.batch, "lr": 1e-4, "precision": precision},
@@ -108,7 +111,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         by = defaultdict(float)
         for ev in prof.key_averages(group_by_input_shape=True):
-            by[category(ev.key, ev.input_shapes or [], 16)] += ev.self_cpu_time_total / 1e6
+            by[category(ev.key, ev.input_shapes or [], 16 if args.strategy == "lora" else -1)] += ev.self_cpu_time_total / 1e6
         covered = sum(by.values())
         by["Python and other (wall − operators)"] = max(wall - covered, 0.0)
         results[precision] = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
@@ -117,7 +120,8 @@ def main() -> None:
         return
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    print(f"# one LoRA step by category (built-in model, r=16 all-linear, batch {args.batch}, max_len {args.max_len}, "
+    what = "LoRA r=16 all-linear" if args.strategy == "lora" else "full fine-tuning"
+    print(f"# one {args.strategy} step by category (built-in model, {what}, batch {args.batch}, max_len {args.max_len}, "
           f"{args.steps} steps after {args.warmup} warm-up; {os.cpu_count()} cores, {cpu}, torch {torch.__version__})")
     for precision, res in results.items():
         print(f"\n{precision}: {res['wall_s'] / args.steps:.2f} s/step, {res['tokens_per_s']:.0f} non-pad tokens/s")

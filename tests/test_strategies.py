@@ -219,10 +219,32 @@ def test_qlora_base_is_4bit_and_the_report_says_how_small(trained):
     assert losses[-1] < losses[0]
 
 
+class _FtcliDropout(torch.nn.Dropout):
+    """PEFT's dropout module drawing its masks as ftcli's fused layer does (strategies/dropout.py), so that PEFT's
+    layer is the reference for the fused one's arithmetic with the same masks."""
+
+    def forward(self, x):
+        from ftcli.strategies.dropout import dropout
+
+        return dropout(x, self.p)[0] if self.training and self.p else x
+
+
+def draw_masks_as_ftcli(model) -> int:
+    """Swap every PEFT LoRA dropout of `model` for _FtcliDropout; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        for name, drop in getattr(module, "lora_dropout", {}).items():
+            if isinstance(drop, torch.nn.Dropout):
+                module.lora_dropout[name] = _FtcliDropout(drop.p)
+                swapped += 1
+    return swapped
+
+
 @pytest.mark.parametrize("dropout, mode", [(0.0, "eval"), (0.1, "eval"), (0.1, "train")])
 def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, dropout, mode, monkeypatch):
     """ftcli's fused LoRA layer (lora strategy) gives PEFT's outputs and gradients, with and without dropout (in
-    training the same seed draws the same masks on both sides), and takes the fused path for every layer."""
+    training the same seed draws the same masks on both sides: PEFT's dropout modules draw them as ftcli does),
+    and takes the fused path for every layer."""
     from peft import LoraConfig, get_peft_model
 
     from ftcli.data.formats import Example
@@ -237,6 +259,7 @@ def test_fused_lora_layer_equals_peft_layer(tiny_model_dir, tiny_tokenizer, drop
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
     layers = [m for m in fused.modules() if isinstance(m, lora_fused.FusedLinear)]
     assert len(layers) == 2 * 7  # every linear layer of both blocks
+    assert draw_masks_as_ftcli(plain) == (14 if dropout else 0)
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) * 0.1 for k, v in plain.state_dict().items() if "lora_" in k}  # B ≠ 0
     plain.load_state_dict(state, strict=False)
@@ -278,6 +301,7 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
                            Lora(LoraParams(r=4, alpha=8, dropout=dropout, target_modules="all-linear")).peft_config())
     plain = get_peft_model(models.load_model(str(tiny_model_dir)), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert draw_masks_as_ftcli(plain) == (14 if dropout else 0)
     torch.manual_seed(0)
     state = {k: torch.randn_like(v) * 0.1 for k, v in plain.state_dict().items() if "lora_" in k}
     plain.load_state_dict(state, strict=False)
@@ -309,6 +333,7 @@ def test_fused_lora_gradients_under_bf16_are_sums_in_float32(dropout):
     """Under bf16 autocast the adapter's gradients are summed over tokens in float32: the gradient of a batch
     equals the sum of its two halves' to float32 rounding (what makes 2 processes × batch 4 end where 1 × 8 does),
     and equals the float64 sum of the same bf16 operands. A bf16 product rounds each sum to 8 bits (≈ 4e-3)."""
+    from ftcli.strategies.dropout import dropout as ftcli_dropout
     from ftcli.strategies.lora_fused import _LoraLinear
 
     g = torch.Generator().manual_seed(0)
@@ -338,7 +363,7 @@ def test_fused_lora_gradients_under_bf16_are_sums_in_float32(dropout):
     # or its dropped-out copy: the same mask, drawn again from the same seed)
     bf = lambda t: t.bfloat16().double()  # noqa: E731
     torch.manual_seed(1)
-    xin = bf(torch.native_dropout(x, dropout, True)[0] if dropout else x)
+    xin = bf(ftcli_dropout(x, dropout)[0] if dropout else x)
     dyb = bf(bf(dy) @ bf(b.detach()))
     xa = bf(bf(xin) @ bf(a.detach()).T)
     assert torch.allclose(whole[0].double(), s * dyb.T @ xin, rtol=1e-5, atol=1e-5)

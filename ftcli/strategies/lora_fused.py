@@ -5,11 +5,11 @@ to the base output (a third); autograd walks the same chain back. Here the adapt
 base output in place (`addmm_`, alpha s) and the backward pass is written out: dX = dY·W + s·(dY·B)·A (in place
 too), dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X. With dropout p (training only), as PEFT does it, the input of A is
 X' = X ⊙ M/(1−p) for one Bernoulli mask M per call (the base product sees X unchanged): X'·Aᵀ replaces X·Aᵀ, X'
-replaces X in dA, and the adapter's part of dX is masked: s·((dY·B)·A) ⊙ M/(1−p). The mask is drawn by
-`torch.native_dropout` on the input in its own dtype, exactly as PEFT's nn.Dropout draws it (the same random
-stream gives the same mask and values). PEFT offers no such path; measured on the built-in model (LoRA r=16 on
-every linear layer, one 456-token packed row, forward + backward, 15 alternating repetitions in one process):
-median 2.95 s with PEFT's layer, 2.82 s with this one (−4.4%).
+replaces X in dA, and the adapter's part of dX is masked: s·((dY·B)·A) ⊙ M/(1−p). The mask is drawn on the
+input in its own dtype, as PEFT's nn.Dropout does, but on the CPU by ftcli's counter-based generator
+(strategies/dropout.py: ≈ 4× faster than torch's, other draws for the same seed). PEFT offers no such path;
+measured on the built-in model (LoRA r=16 on every linear layer, one 456-token packed row, forward + backward,
+15 alternating repetitions in one process): median 2.95 s with PEFT's layer, 2.82 s with this one (−4.4%).
 
 `FusedLinear` is a PEFT LoRA `Linear` (same parameters, names, saving and loading) that PEFT itself creates,
 through its custom-module mapping (`LoraConfig._register_custom_module`, PEFT's documented, experimental way to
@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
 
+from ftcli.strategies.dropout import dropout
+
 
 class _LoraLinear(torch.autograd.Function):
     """Every product in `dtype`: the parameters' dtype, or autocast's (bf16) with the frozen weight stored in it
@@ -35,7 +37,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         mask = None
         if p > 0:  # A's input dropped out as PEFT's nn.Dropout does it: in x's own dtype, one mask
-            xd, mask = torch.native_dropout(x2, p, True)
+            xd, mask = dropout(x2, p)
             xd = xd.to(dtype)
         x2, weight, a, b = (t.to(dtype) for t in (x2, weight, a, b))
         xin = xd if mask is not None else x2
