@@ -55,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--strategy", choices=("lora", "full"), default="lora")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--rows", type=int, default=64)
@@ -83,7 +84,8 @@ def main() -> None:
     results = {}
     for precision in args.precisions.split(","):
         doc = {"base_model": "smollm2-135m-instruct",
-               "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+               "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear",
+                            "dropout": args.dropout}
                if args.strategy == "lora" else {"name": "full"},
                "data": {"train": str(tmp / "d.jsonl"), "format": "alpaca", "validation": None,
                         "max_len": args.max_len},
