@@ -600,7 +600,7 @@ def _describe(err: dict, path: list, model: type[BaseModel] | None) -> str:
         if home:
             msg += f" ('{ours}' belongs under '{home}')"
         if allowed:
-            msg += f" Allowed here: {', '.join(allowed)}"
+            msg += f"{'' if msg.endswith(('?', ')')) else '.'} Allowed here: {', '.join(allowed)}"
         return msg
     if kind == "missing":
         return "required key is missing"

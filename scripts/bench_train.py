@@ -115,6 +115,8 @@ def worker_ftcli(args) -> dict:
     if args.strategy in ("lora", "qlora"):
         strategy = {"name": args.strategy, "r": 16, "alpha": 32, "target_modules": "all-linear",
                     "dropout": args.dropout}
+        if args.fp32_branch:
+            strategy["fp32_branch"] = True
     if args.strategy == "qlora":
         strategy["compute_dtype"] = "bfloat16" if args.precision == "bf16" else "float32"
     doc = {"base_model": args.base or "smollm2-135m-instruct", "strategy": strategy,
@@ -298,6 +300,7 @@ def main() -> None:
     ap.add_argument("--plain-loss", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--peft-layer", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pass-tokens", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--fp32-branch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         sys.path.insert(0, str(ROOT))

@@ -329,6 +329,64 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp32_branch_under_bf16_computes_the_adapter_in_float32(dropout):
+    """strategy.fp32_branch: under bf16 autocast only the base product is bf16; the layer's output is that product
+    plus the adapter's float32 contribution, in float32, and the adapter's gradients are float32 sums of float32
+    operands (dY, X, dY·B, X·Aᵀ), equal to float64 to float32 rounding. Rounding the adapter's operands to bf16,
+    as the default path and autocast in PEFT's layer do, misses the references by ≈ 1e-2."""
+    from ftcli.strategies.dropout import dropout as ftcli_dropout
+    from ftcli.strategies.lora_fused import _LoraLinear
+
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out, r, s = 96, 64, 48, 4, 2.0
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g).bfloat16()
+    a = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
+    dy = torch.randn(n, d_out, generator=g)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _LoraLinear.apply(x, w, None, a, b, s, torch.bfloat16, dropout, True)
+    (y * dy).sum().backward()
+    assert y.dtype == a.grad.dtype == b.grad.dtype == torch.float32
+    # the references in float64: the base product of the bf16-rounded X and W, rounded to bf16 as oneDNN returns
+    # it; the adapter's branch on X itself or its dropped-out copy (the same mask, drawn again from the same seed)
+    torch.manual_seed(1)
+    xin = (ftcli_dropout(x, dropout)[0] if dropout else x).double()
+    A, B, D = a.detach().double(), b.detach().double(), dy.double()
+    base = (x.bfloat16().double() @ w.double().T).bfloat16().double()
+    close = lambda got, want: torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)  # noqa: E731
+    assert close(y.detach(), base + s * (xin @ A.T) @ B.T)
+    assert close(a.grad, s * (D @ B).T @ xin) and close(b.grad, s * D.T @ (xin @ A.T))
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+    assert not close(a.grad, s * bf(bf(D) @ bf(B)).T @ bf(xin))  # what bf16 operands would give
+
+
+def test_fp32_branch_reaches_every_fused_layer_and_belongs_to_lora_alone(tiny_model_dir, tmp_path, run_cli):
+    """The recipe key sets every fused layer of a bf16 run, whose outputs are then float32; dora and qlora, which
+    train through PEFT's own layers, reject it by name."""
+    from conftest import addition_rows, write_jsonl
+    from ftcli.strategies.base import Context
+    from ftcli.strategies.lora import Lora
+    from ftcli.strategies.lora_fused import FusedLinear
+
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(16))
+    recipe = recipe_mod.load(make_recipe(tmp_path, tiny_model_dir, data, training={"precision": "bf16"},
+                                         strategy={"name": "lora", "r": 4, "fp32_branch": True}))
+    model = Lora(recipe.strategy).prepare(models.load_model(str(tiny_model_dir)), Context(recipe=recipe))
+    layers = [m for m in model.modules() if isinstance(m, FusedLinear)]
+    assert len(layers) == 14 and all(m.fp32_branch for m in layers)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers[0](torch.randn(3, layers[0].in_features)).dtype == torch.float32
+    for name in ("dora", "qlora"):
+        (tmp_path / name).mkdir()
+        bad = make_recipe(tmp_path / name, tiny_model_dir, data, strategy={"name": name, "fp32_branch": True})
+        code, _, err = run_cli("check", str(bad))
+        assert code == 2 and "fp32_branch" in " ".join(err.split()), err
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_lora_gradients_under_bf16_are_sums_in_float32(dropout):
     """Under bf16 autocast the adapter's gradients are summed over tokens in float32: the gradient of a batch
     equals the sum of its two halves' to float32 rounding (what makes 2 processes × batch 4 end where 1 × 8 does),

@@ -18,6 +18,14 @@ adapter, not merged, no DoRA or other variant, a plain float `nn.Linear` base, n
 Under autocast (`training.precision: bf16`) every product runs in bf16, as autocast would run PEFT's layer; the
 frozen base weight may be stored in bf16 already (lora.py), which saves the cast per call and half its memory.
 Anything else goes through PEFT's own forward. tests/test_strategies.py compares the two.
+
+`strategy.fp32_branch: true` keeps only the base product in bf16: X·Aᵀ, its product with Bᵀ, the layer's output
+(base product + adapter, which bf16 would round at the scale of the whole output) and the adapter's gradients
+(from the float32 dY) are float32. On the built-in model the validation loss of a bf16 run then lands within
+fp32's seed spread instead of 0.0022–0.0030 above it, at the same speed and ≈ 0.3 GB more peak RSS; but the
+last-bit differences between the adapters of runs on different numbers of processes reach the residual stream
+and part their losses at bf16's scale (9.8e-5 on issue 8's check, 6.8e-7 without), so it is not the default
+(docs/benchmarks.md, "bf16 LoRA's validation loss against fp32's seed spread").
 """
 
 from __future__ import annotations
@@ -29,22 +37,23 @@ from ftcli.strategies.dropout import dropout
 
 
 class _LoraLinear(torch.autograd.Function):
-    """Every product in `dtype`: the parameters' dtype, or autocast's (bf16) with the frozen weight stored in it
-    or cast per call, as autocast would; the gradients of A and B are summed in float32 at least (below)."""
+    """The base product in `dtype`: the parameters' dtype, or autocast's (bf16) with the frozen weight stored in it
+    or cast per call, as autocast would. The adapter's branch in `dtype` too, or in float32 with `fp32_branch`
+    (below); its gradients are summed in float32 at least either way."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scale: float, dtype: torch.dtype, p: float = 0.0):
+    def forward(ctx, x, weight, bias, a, b, scale: float, dtype: torch.dtype, p: float = 0.0,
+                fp32_branch: bool = False):
+        branch = torch.promote_types(dtype, torch.float32) if fp32_branch else dtype
         x2 = x.reshape(-1, x.shape[-1])
-        mask = None
+        xin, mask = x2, None
         if p > 0:  # A's input dropped out as PEFT's nn.Dropout does it: in x's own dtype, one mask
-            xd, mask = dropout(x2, p)
-            xd = xd.to(dtype)
-        x2, weight, a, b = (t.to(dtype) for t in (x2, weight, a, b))
-        xin = xd if mask is not None else x2
+            xin, mask = dropout(x2, p)
+        xin, xb, weight, a, b = xin.to(branch), x2.to(dtype), weight.to(dtype), a.to(branch), b.to(branch)
         with torch.autocast(x.device.type, enabled=False):
             xa = xin @ a.t()  # [tokens, r]
-            y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
-            y.addmm_(xa, b.t(), alpha=scale)  # in place: the base output is ours alone
+            y = xb @ weight.t() if bias is None else torch.addmm(bias.to(dtype), xb, weight.t())
+            y = y.to(branch).addmm_(xa, b.t(), alpha=scale)  # in place: the base output is ours alone
         ctx.save_for_backward(xin, xa, weight, a, b, mask)
         ctx.scale, ctx.x_shape, ctx.p = scale, x.shape, p
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -52,16 +61,18 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xin, xa, weight, a, b, mask = ctx.saved_tensors
-        s = ctx.scale
+        s, branch = ctx.scale, xin.dtype
         with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
-            dyb = dy2 @ b  # [tokens, r]
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dyr = dy2.to(branch)
+            dyb = dyr @ b  # [tokens, r]
             dx = None
             if ctx.needs_input_grad[0]:
+                dx = (dy2.to(weight.dtype) @ weight).to(branch)
                 if mask is None:
-                    dx = (dy2 @ weight).addmm_(dyb, a, alpha=s)
+                    dx.addmm_(dyb, a, alpha=s)
                 else:
-                    dx = (dy2 @ weight).add_((dyb @ a).mul_(mask).mul_(s / (1 - ctx.p)))
+                    dx.add_((dyb @ a).mul_(mask).mul_(s / (1 - ctx.p)))
                 dx = dx.view(ctx.x_shape)
             # The adapter's gradients are sums over every token. Under autocast they are summed in float32 from
             # the bf16 operands of the forward (X or its dropped-out copy, X·Aᵀ, dY, dY·B), never rounded to
@@ -69,14 +80,16 @@ class _LoraLinear(torch.autograd.Function):
             # so a batch's gradient is the sum of its parts' to float32 rounding whatever the order, and
             # several processes end where one does (issue 8). The price: the casts of X and dY and float32 thin
             # products, ≈ 3% of a bf16 LoRA step on the built-in model (docs/benchmarks.md).
-            acc = torch.promote_types(weight.dtype, torch.float32)
+            acc = torch.promote_types(branch, torch.float32)
             da = (dyb.t().to(acc) @ xin.to(acc)).mul_(s) if ctx.needs_input_grad[3] else None
-            db = (xa.t().to(acc) @ dy2.to(acc)).mul_(s).t() if ctx.needs_input_grad[4] else None  # (X·Aᵀ)ᵀ·dY, ᵀ
-        return dx, None, None, da, db, None, None, None
+            db = (xa.t().to(acc) @ dyr.to(acc)).mul_(s).t() if ctx.needs_input_grad[4] else None  # (X·Aᵀ)ᵀ·dY, ᵀ
+        return dx, None, None, da, db, None, None, None, None
 
 
 class FusedLinear(PeftLinear):
     """PEFT's LoRA Linear with a fused training path (see the module docstring)."""
+
+    fp32_branch = False  # strategy.fp32_branch (lora.py sets it on every fused layer of the model)
 
     def _fused_adapter(self) -> str | None:
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
@@ -98,7 +111,7 @@ class FusedLinear(PeftLinear):
         drop = self.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]), dtype, p)
+                                 float(self.scaling[name]), dtype, p, self.fp32_branch)
 
 
 def compute_dtype(x: torch.Tensor, adapter_weight: torch.Tensor) -> torch.dtype | None:
