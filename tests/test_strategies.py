@@ -328,6 +328,18 @@ def test_fused_lora_layer_under_bf16_autocast_matches_peft(tiny_model_dir, tiny_
         assert float((g - other).norm() / g.norm()) < 3e-2, n
 
 
+def lora_layer_operands():
+    """One fused LoRA layer's operands, seeded: X (96×64), a bf16 base W (48×64), A (4×64) and B (48×4) that train,
+    the output's gradient dY, and the scale s."""
+    g = torch.Generator().manual_seed(0)
+    n, d_in, d_out, r = 96, 64, 48, 4
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g).bfloat16()
+    a = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
+    return x, w, a, b, torch.randn(n, d_out, generator=g), 2.0
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fp32_branch_under_bf16_computes_the_adapter_in_float32(dropout):
     """strategy.fp32_branch: under bf16 autocast only the base product is bf16; the layer's output is that product
@@ -337,13 +349,7 @@ def test_fp32_branch_under_bf16_computes_the_adapter_in_float32(dropout):
     from ftcli.strategies.dropout import dropout as ftcli_dropout
     from ftcli.strategies.lora_fused import _LoraLinear
 
-    g = torch.Generator().manual_seed(0)
-    n, d_in, d_out, r, s = 96, 64, 48, 4, 2.0
-    x = torch.randn(n, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g).bfloat16()
-    a = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
-    b = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
-    dy = torch.randn(n, d_out, generator=g)
+    x, w, a, b, dy, s = lora_layer_operands()
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = _LoraLinear.apply(x, w, None, a, b, s, torch.bfloat16, dropout, True)
@@ -394,13 +400,8 @@ def test_fused_lora_gradients_under_bf16_are_sums_in_float32(dropout):
     from ftcli.strategies.dropout import dropout as ftcli_dropout
     from ftcli.strategies.lora_fused import _LoraLinear
 
-    g = torch.Generator().manual_seed(0)
-    n, d_in, d_out, r, s = 96, 64, 48, 4, 2.0
-    x = torch.randn(n, d_in, generator=g)
-    w = torch.randn(d_out, d_in, generator=g).bfloat16()
-    a = (torch.randn(r, d_in, generator=g) * 0.3).requires_grad_()
-    b = (torch.randn(d_out, r, generator=g) * 0.3).requires_grad_()
-    dy = torch.randn(n, d_out, generator=g)
+    x, w, a, b, dy, s = lora_layer_operands()
+    n = x.shape[0]
 
     def grads(rows):
         a.grad = b.grad = None
