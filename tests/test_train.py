@@ -254,7 +254,9 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
     for name, strategy, sets in (("full", {"name": "full"}, ()), ("lora", {"name": "lora", "r": 4}, ()),
                                  ("lora-small-pass", {"name": "lora", "r": 4}, ("training.pass_tokens=16",)),
                                  ("hft", {"name": "hft", "embeddings": "train"}, ()),
-                                 ("lora-bf16", {"name": "lora", "r": 4}, ("training.precision=bf16",))):
+                                 ("lora-bf16", {"name": "lora", "r": 4}, ("training.precision=bf16",)),
+                                 ("lora-fp32-branch", {"name": "lora", "r": 4, "fp32_branch": True},
+                                  ("training.precision=bf16",))):
         (tmp_path / name).mkdir()
         r = recipe_mod.load(make_recipe(tmp_path / name, tiny_model_dir, addition_data, strategy=strategy), list(sets))
         plans[name] = plan.build(r, log=lambda *a: None)
@@ -267,6 +269,8 @@ def test_check_counts_parameters_and_estimates_memory_per_pass(tmp_path, tiny_mo
     # batch 4 × max_len 64 = 256 positions; a pass of at most 16 positions is still one whole row of 64
     act = "activations (upper bound)"
     assert small.memory[act] == pytest.approx(lora.memory[act] * 64 / 256)
+    # strategy.fp32_branch: the layers' float32 outputs and what the MLP keeps of them, measured ≈ +40%
+    assert plans["lora-fp32-branch"].memory[act] == pytest.approx(lora.memory[act] * 1.4)
     # hft: half the block matrices get gradients in a round, but AdamW keeps state for all that train in any round
     hft = plans["hft"]
     assert hft.trainable < full.total and hft.memory["optimizer (AdamW)"] == pytest.approx(full.memory["optimizer (AdamW)"])

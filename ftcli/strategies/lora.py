@@ -63,10 +63,14 @@ class Lora(PeftAdapter):
 
     @property
     def activation_factor(self) -> float:
-        """The fused layer keeps only its input; PEFT's own layers (dora, qlora) keep their products too."""
+        """The fused layer keeps only its input; PEFT's own layers (dora, qlora) keep their products too. With
+        fp32_branch (a bf16 setting) the layers' outputs, and what the MLP keeps of them, are float32: measured
+        +0.33–0.39 GB peak RSS on the built-in model at batch 4 × 512, ≈ 0.4 of the planned activations."""
         from ftcli.strategies.peft_adapters import PEFT_LAYER_ACTIVATIONS
 
-        return 1.0 if self.fused else PEFT_LAYER_ACTIVATIONS
+        if not self.fused:
+            return PEFT_LAYER_ACTIVATIONS
+        return 1.4 if getattr(self.params, "fp32_branch", False) else 1.0
 
     def memory(self, *, total, trainable, block_linear, recipe):
         if self.fused and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16 (below)
