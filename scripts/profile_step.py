@@ -1,10 +1,11 @@
 """Where the time of one LoRA (or full fine-tuning) step goes, by category, on the built-in model (torch.profiler).
 
 Builds the same Trainer as `ftcli train` (LoRA r=16 on every linear layer, or full fine-tuning with --strategy
-full; packed rows of alpaca training data), runs WARMUP steps, then profiles STEPS steps at each precision and prints a table: self CPU time per category of
-operator (big matmuls, LoRA's rank-r products, attention forward/backward, norms and activations, dtype casts,
-the output head and loss, the optimiser, everything else), and the step's wall time. The categories come from the
-operators' names and shapes (see `category`); "Python and other" is the step's wall time not inside any operator.
+full; packed rows of alpaca training data), runs WARMUP steps, then profiles STEPS steps at each precision and
+prints a table: self CPU time per category of operator (big matmuls, LoRA's rank-r products, attention forward
+and backward, norms and activations, dtype casts, the output head and loss, the optimiser, everything else), and the
+step's wall time. The categories come from the operators' names and shapes (see `category`); "Python and other" is
+the step's wall time not inside any operator. --dropout sets LoRA's dropout.
 
     python scripts/profile_step.py [--precisions fp32,bf16] [--strategy lora|full] [--batch 4] [--max-len 512]
                                    [--steps 3] [--top N]
@@ -82,6 +83,7 @@ def main() -> None:
     rows = [json.loads(x) for x in DATA.read_text().split("\n")[: args.rows] if x.strip()]
     (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
+    rank = 16 if args.strategy == "lora" else -1  # the LoRA products are the matmuls with a side of this size
     for precision in args.precisions.split(","):
         doc = {"base_model": "smollm2-135m-instruct",
                "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear",
@@ -113,7 +115,7 @@ def main() -> None:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
         by = defaultdict(float)
         for ev in prof.key_averages(group_by_input_shape=True):
-            by[category(ev.key, ev.input_shapes or [], 16 if args.strategy == "lora" else -1)] += ev.self_cpu_time_total / 1e6
+            by[category(ev.key, ev.input_shapes or [], rank)] += ev.self_cpu_time_total / 1e6
         covered = sum(by.values())
         by["Python and other (wall − operators)"] = max(wall - covered, 0.0)
         results[precision] = {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,

@@ -70,7 +70,12 @@ class Lora(PeftAdapter):
 
         if not self.fused:
             return PEFT_LAYER_ACTIVATIONS
-        return 1.4 if getattr(self.params, "fp32_branch", False) else 1.0
+        return 1.4 if self.fp32_branch else 1.0
+
+    @property
+    def fp32_branch(self) -> bool:
+        """strategy.fp32_branch (lora's key; dora and qlora have none)."""
+        return getattr(self.params, "fp32_branch", False)
 
     def memory(self, *, total, trainable, block_linear, recipe):
         if self.fused and recipe.training.precision == "bf16":  # frozen linear weights stored in bf16 (below)
@@ -141,7 +146,7 @@ class Lora(PeftAdapter):
         peft_model = super().prepare(model, ctx)
         if self.fused and ctx.recipe.training.precision == "bf16":
             store_frozen_in_bf16(peft_model)
-        if getattr(self.params, "fp32_branch", False):
+        if self.fp32_branch:
             from ftcli.strategies.lora_fused import FusedLinear
 
             for module in peft_model.modules():
