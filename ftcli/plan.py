@@ -73,7 +73,7 @@ def from_files(recipe, strategy, *, allow_pickle: bool, log) -> Counts | None:
     if planned is None:
         return None
     sizes = [(n, math.prod(s)) for n, s in planned.trainable.items()]
-    return Counts(planned.count, ws.total + planned.added, list(planned.trainable.values()), sizes, ws.layers,
+    return Counts(planned.count, ws.total + planned.added, list(planned.optimised.values()), sizes, ws.layers,
                   ws.hidden, ws.block_linear, how="files")
 
 

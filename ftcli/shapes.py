@@ -24,15 +24,21 @@ HEAD = "lm_head.weight"
 
 @dataclass
 class Planned:
-    """What a strategy trains, from the shapes alone: the tensors the optimiser would own (by the name they get in
-    the prepared model, shape) and how many parameters the strategy adds beside the base's (adapters)."""
+    """What a strategy trains, from the shapes alone: the tensors that train from the first step (by the name they
+    get in the prepared model, shape), the ones the optimiser owns where that set is larger (hft: every matrix that
+    trains in some round; None: the same), and how many parameters the strategy adds beside the base's (adapters)."""
 
     trainable: dict[str, tuple[int, ...]]
     added: int = 0
+    owned: dict[str, tuple[int, ...]] | None = None
 
     @property
     def count(self) -> int:
         return sum(math.prod(s) for s in self.trainable.values())
+
+    @property
+    def optimised(self) -> dict[str, tuple[int, ...]]:
+        return self.trainable if self.owned is None else self.owned
 
 
 @dataclass

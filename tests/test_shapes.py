@@ -26,6 +26,12 @@ STRATEGIES = [
     {"name": "lora", "r": 2, "target_modules": ["attention", "*.mlp.up_proj"]},
     {"name": "dora", "r": 4},
     {"name": "qlora", "r": 4},
+    {"name": "hft"},
+    {"name": "hft", "embeddings": "half", "seed": 3},
+    {"name": "hft", "embeddings": "train"},
+    {"name": "ewc", "inner": {"name": "full"}},
+    {"name": "ewc", "inner": {"name": "lora", "r": 4}},
+    {"name": "ewc", "inner": {"name": "hft", "seed": 5}},
 ]
 
 
@@ -90,8 +96,9 @@ def test_both_ways_refuse_a_strategy_that_does_not_fit_the_model_alike(folders, 
 
 
 def test_what_files_cannot_say_goes_the_weightless_way(folders, tmp_path):
-    """A strategy without a plan (hft), an unknown layout or a mixture of experts: no counts from files."""
-    r = recipe_mod.validate({"base_model": str(folders["llama"]), "strategy": {"name": "hft"},
+    """A strategy without a plan (PEFT's other adapters), an unknown layout or a mixture of experts: no counts from
+    files."""
+    r = recipe_mod.validate({"base_model": str(folders["llama"]), "strategy": {"name": "loha"},
                              "data": {"train": "x.jsonl"}})
     assert plan.from_files(r, strategies.get(r.strategy), allow_pickle=False, log=print) is None
     moe = make_tiny_model.build(tmp_path / "moe", arch="mixtral")

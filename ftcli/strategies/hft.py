@@ -119,7 +119,7 @@ class Hft(Strategy):
 
     def prepare(self, model, ctx: Context):
         p: HftParams = self.params
-        self.seed = p.seed if p.seed is not None else ctx.recipe.training.seed
+        self.seed = self._seed(ctx.recipe)
         self.blocks = int(model.config.num_hidden_layers)
         rows = ctx.train_data.epoch_size if ctx.train_data is not None else 1
         self.round_steps = p.round_steps or ctx.recipe.total_steps(rows, ctx.processes)[1]
@@ -148,6 +148,19 @@ class Hft(Strategy):
         self._apply(model, 0, record=False)  # on_step(1) records it (after a resume has restored the history)
         self.round = None
         return model
+
+    def plan(self, shapes, recipe):
+        """Round 0 as `prepare` leaves it, and every matrix of some round for the optimiser (dense blocks: the
+        files' plan refuses mixtures of experts)."""
+        from ftcli.shapes import Planned
+
+        p: HftParams = self.params
+        frozen = select(shapes.layers, self._seed(recipe), 0)
+        owned = {n: s for n, s in shapes.tensors.items() if p.embeddings != "freeze" or not _is_embedding(n)}
+        return Planned({n: s for n, s in owned.items() if trains(n, frozen, 0, p.embeddings)}, owned=owned)
+
+    def _seed(self, recipe) -> int:
+        return self.params.seed if self.params.seed is not None else recipe.training.seed
 
     def train_params(self, model):
         """Every parameter that trains in some round (the optimiser owns them all; frozen ones get no grad)."""
@@ -180,15 +193,11 @@ class Hft(Strategy):
         frozen_experts = select_experts(experts, self.seed, round_)
         params = dict(model.named_parameters())
         for name, param in params.items():
-            b = block_index(name)
-            if _is_embedding(name):
-                train = p.embeddings == "train" or (p.embeddings == "half" and round_ % 2 == 1)
-            elif b is not None and module_of(name) in _members():
-                train = module_of(name) not in self.frozen_now[b]
-            elif shared_member(name):
+            if shared_member(name):
+                b = block_index(name)
                 train = shared_member(name).removesuffix("_proj") not in frozen_experts[b][self.shared[b]]
             else:
-                train = True
+                train = trains(name, self.frozen_now, round_, p.embeddings)
             param.requires_grad_(train)
             if not train:
                 param.grad = None
@@ -233,6 +242,16 @@ class Hft(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self.history = state.get("history", [])
         self.round = None  # on_step re-applies the (deterministic) selection of the resumed round
+
+
+def trains(name: str, frozen: dict[int, list[str]], round_: int, embeddings: str) -> bool:
+    """Whether parameter `name` (not a shared expert's) trains in round `round_`, given each block's frozen modules."""
+    if _is_embedding(name):
+        return embeddings == "train" or (embeddings == "half" and round_ % 2 == 1)
+    b = block_index(name)
+    if b is not None and module_of(name) in _members():
+        return module_of(name) not in frozen[b]
+    return True
 
 
 def _members() -> set[str]:

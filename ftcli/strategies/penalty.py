@@ -63,6 +63,9 @@ class Anchored(Strategy):
     def train_params(self, model):
         return self.inner.train_params(model)
 
+    def plan(self, shapes, recipe):
+        return self.inner.plan(shapes, recipe)
+
     def unsupported(self):
         return self.inner.unsupported()
 

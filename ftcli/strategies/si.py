@@ -55,6 +55,10 @@ class Si(Anchored):
         self.source = source_run(self.params, ctx.recipe.base_model)  # checked in `ftcli check` too
         return super().prepare(model, ctx)
 
+    def plan(self, shapes, recipe):
+        source_run(self.params, recipe.base_model)  # what `prepare` checks first
+        return super().plan(shapes, recipe)
+
     def weights(self, model, ctx: Context) -> dict:
         import torch
 
