@@ -146,6 +146,10 @@ class Lora(PeftAdapter):
         peft_model = super().prepare(model, ctx)
         if self.fused and ctx.recipe.training.precision == "bf16":
             store_frozen_in_bf16(peft_model)
+        if self.fused:
+            from ftcli.strategies import lora_siblings
+
+            lora_siblings.group(peft_model)
         if self.fp32_branch:
             from ftcli.strategies.lora_fused import FusedLinear
 

@@ -90,6 +90,7 @@ class FusedLinear(PeftLinear):
     """PEFT's LoRA Linear with a fused training path (see the module docstring)."""
 
     fp32_branch = False  # strategy.fp32_branch (lora.py sets it on every fused layer of the model)
+    siblings = None  # lora_siblings.Siblings: q, k and v of one attention block computed together
 
     def _fused_adapter(self) -> str | None:
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
@@ -107,11 +108,18 @@ class FusedLinear(PeftLinear):
         dtype = compute_dtype(x, self.lora_A[name].weight) if name is not None else None
         if dtype is None:
             return super().forward(x, *args, **kwargs)
+        if self.siblings is not None and self.training:
+            out = self.siblings.output(self, x, name, dtype)
+            if out is not None:
+                return out
         base = self.get_base_layer()
-        drop = self.lora_dropout[name]
-        p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                 float(self.scaling[name]), dtype, p, self.fp32_branch)
+                                 float(self.scaling[name]), dtype, self.dropout_p(name), self.fp32_branch)
+
+    def dropout_p(self, name: str) -> float:
+        """The adapter's dropout probability as this call applies it (0 outside training)."""
+        drop = self.lora_dropout[name]
+        return float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
 
 
 def compute_dtype(x: torch.Tensor, adapter_weight: torch.Tensor) -> torch.dtype | None:
