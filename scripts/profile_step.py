@@ -52,6 +52,37 @@ def category(name: str, shapes: list, rank: int) -> str:
     return "other operators"
 
 
+def lora_trainer(precision: str, *, strategy: str = "lora", dropout: float = 0.0, batch: int = 4, max_len: int = 512,
+                 rows: int = 64):
+    """The Trainer `ftcli train` builds for LoRA r=16 on every linear layer (or full fine-tuning) of the built-in
+    model over the first `rows` alpaca training rows, in training mode, in a temporary folder."""
+    import yaml
+
+    from ftcli import recipe as recipe_mod
+    from ftcli import train
+    from ftcli.logs import quiet
+    from ftcli.run_folder import RunFolder
+    from ftcli.runtime import tune_process
+
+    quiet()
+    tune_process()
+    tmp = Path(tempfile.mkdtemp(prefix="profile-step-"))
+    data = [json.loads(x) for x in DATA.read_text().split("\n")[:rows] if x.strip()]
+    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    doc = {"base_model": "smollm2-135m-instruct",
+           "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": dropout}
+           if strategy == "lora" else {"name": "full"},
+           "data": {"train": str(tmp / "d.jsonl"), "format": "alpaca", "validation": None, "max_len": max_len},
+           "training": {"max_steps": 1000, "batch_size": batch, "lr": 1e-4, "precision": precision},
+           "output": str(tmp / precision)}
+    (tmp / f"{precision}.yaml").write_text(yaml.safe_dump(doc))
+    folder = RunFolder.create(tmp / precision, resume=False, overwrite=True)
+    trainer = train.Trainer(train.build(recipe_mod.load(tmp / f"{precision}.yaml"), run_dir=folder.path,
+                                         log=lambda *a: None), folder)
+    trainer.model.train()
+    return trainer
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", default="fp32,bf16")
@@ -68,37 +99,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import yaml
     from torch.profiler import ProfilerActivity, profile
 
-    from ftcli import recipe as recipe_mod
-    from ftcli import train
-    from ftcli.logs import quiet
-    from ftcli.run_folder import RunFolder
-    from ftcli.runtime import tune_process
-
-    quiet()
-    tune_process()
-    tmp = Path(tempfile.mkdtemp(prefix="profile-step-"))
-    rows = [json.loads(x) for x in DATA.read_text().split("\n")[: args.rows] if x.strip()]
-    (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = {}
     rank = 16 if args.strategy == "lora" else -1  # the LoRA products are the matmuls with a side of this size
     for precision in args.precisions.split(","):
-        doc = {"base_model": "smollm2-135m-instruct",
-               "strategy": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear",
-                            "dropout": args.dropout}
-               if args.strategy == "lora" else {"name": "full"},
-               "data": {"train": str(tmp / "d.jsonl"), "format": "alpaca", "validation": None,
-                        "max_len": args.max_len},
-               "training": {"max_steps": 1000, "batch_size": args.batch, "lr": 1e-4, "precision": precision},
-               "output": str(tmp / precision)}
-        (tmp / f"{precision}.yaml").write_text(yaml.safe_dump(doc))
-        r = recipe_mod.load(tmp / f"{precision}.yaml")
-        folder = RunFolder.create(tmp / precision, resume=False, overwrite=True)
-        setup = train.build(r, run_dir=folder.path, log=lambda *a: None)
-        trainer = train.Trainer(setup, folder)
-        trainer.model.train()
+        trainer = lora_trainer(precision, strategy=args.strategy, dropout=args.dropout, batch=args.batch,
+                               max_len=args.max_len, rows=args.rows)
         for step in range(args.warmup):
             trainer.step(step)
         if args.time_only:
