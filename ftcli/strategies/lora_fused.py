@@ -49,7 +49,9 @@ class _LoraLinear(torch.autograd.Function):
         xin, mask = x2, None
         if p > 0:  # A's input dropped out as PEFT's nn.Dropout does it: in x's own dtype, one mask
             xin, mask = dropout(x2, p)
-        xin, xb, weight, a, b = xin.to(branch), x2.to(dtype), weight.to(dtype), a.to(branch), b.to(branch)
+        xin = xin.to(branch)
+        xb = xin if xin.dtype == dtype and mask is None else x2.to(dtype)  # one cast of X where one is enough
+        weight, a, b = weight.to(dtype), a.to(branch), b.to(branch)
         with torch.autocast(x.device.type, enabled=False):
             xa = xin @ a.t()  # [tokens, r]
             y = xb @ weight.t() if bias is None else torch.addmm(bias.to(dtype), xb, weight.t())
@@ -68,7 +70,7 @@ class _LoraLinear(torch.autograd.Function):
             dyb = dyr @ b  # [tokens, r]
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = (dy2.to(weight.dtype) @ weight).to(branch)
+                dx = ((dyr if branch == weight.dtype else dy2.to(weight.dtype)) @ weight).to(branch)
                 if mask is None:
                     dx.addmm_(dyb, a, alpha=s)
                 else:
