@@ -4,9 +4,12 @@ The three projections read the same input. Done apart (lora_fused.py), each cast
 frozen weight and by its own A, and its backward pass adds its own share of the input's gradient. Done together,
 the input is cast once, meets the frozen weights as one [q;k;v] matrix and the A factors as one [A_q;A_k;A_v], the
 B factors act as one block-diagonal matrix (each B scaled by the layer's s), and the backward pass forms the
-input's gradient in one product: y = X·[W]ᵀ + (X·[A]ᵀ)·[sB]ᵀ, dX = dY·[W] + (dY·[sB])·[A], dA_i = s(dY_i·B_i)ᵀ·X
-(one product for the three), dB_i = s·dY_iᵀ·(X·A_iᵀ) (one each). The adapters' gradients are summed in float32
-from the bf16 operands as in lora_fused.py, so that several processes still end where one does.
+input's gradient from one product with the weights and one with the adapters:
+    y = X·[W]ᵀ + (X·[A]ᵀ)·[sB]ᵀ,   dX = dY·[W] + (dY·[sB])·[A]  (the second term added in float32),
+    dA_i = s(dY_i·B_i)ᵀ·X  (one product for the three),   dB_i = s·dY_iᵀ·(X·A_iᵀ)  (one each).
+The adapters' gradients are summed in float32 from the bf16 operands as in lora_fused.py, so that several processes
+still end where one does (issue 8's check: 7.9e-7; adding the adapters' part of dX into the bf16 product instead,
+as one addmm_, made it 5.0e-5).
 
 The frozen weights stay the three layers' own parameters (PEFT's names, saving, merging): they are made views of
 one [q;k;v] tensor, remade if something replaced them (a move to another device). Whichever member the model
@@ -15,10 +18,11 @@ input; the attention block's forward hook drops what is left. The group is used 
 take the fused path with no dropout (one mask per member, as PEFT draws them) and no `fp32_branch`, with equal
 scales, in training with gradients; everything else goes through the members one by one.
 
-Measured on the built-in model (docs/benchmarks.md, "q, k and v as one product"): bf16 LoRA ≈ +4–5% tokens/s,
-fp32 ≈ +2%.
-Gate and up (the MLP's two projections of one input) are not grouped: oneDNN's bf16 product for the joint
-backward, [tokens×3072]·[3072×576], ran at 1.1 TFLOP/s against 2.5 for the two halves, and the pair was slower.
+Measured on the built-in model (docs/benchmarks.md, "q, k and v as one product"; `scripts/bench_siblings.py`):
+bf16 LoRA +5.0–6.0% tokens/s, fp32 +1.4%. Gate and up (the MLP's two projections of one input) are not grouped:
+with one backward product ([tokens×3072]·[3072×576], which oneDNN runs at 1.1 TFLOP/s against 2.5 for each half)
+the pair took 3.4 ms against 3.3 one by one, with dX per member 3.0 ms (≈ 1.5% of a step), and the MLP is what
+`training.compile` compiles, where this module's state would not trace.
 """
 
 from __future__ import annotations
