@@ -164,3 +164,34 @@ def test_grouped_adapter_gradients_under_bf16_are_float32_sums():
     for i, t in enumerate(whole):
         assert t.dtype == torch.float32
         assert float((halves[0][i] + halves[1][i] - t).abs().max() / t.abs().max()) < 1e-5, i
+
+
+@pytest.mark.parametrize("processes, distributed, grouped", [(1, "fsdp", True), (2, "ddp", True),
+                                                             (2, "fsdp", False)])
+def test_lora_groups_q_k_v_unless_fsdp_shards_the_blocks(processes, distributed, grouped, tiny_model_dir):
+    from ftcli import recipe as recipe_mod
+    from ftcli.strategies import Context
+
+    r = recipe_mod.validate({"base_model": str(tiny_model_dir), "strategy": {"name": "lora", "r": 4},
+                             "data": {"train": "x.jsonl"}, "training": {"distributed": distributed}})
+    strategy = Lora(r.strategy)
+    model = strategy.prepare(models.load_model(str(tiny_model_dir)), Context(recipe=r, processes=processes))
+    layers = [m for m in model.modules() if isinstance(m, lora_fused.FusedLinear)]
+    assert len(layers) == 14
+    assert sum(m.siblings is not None for m in layers) == (6 if grouped else 0)
+
+
+def test_grouped_under_activation_checkpointing(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """Recomputed blocks (training.gradient_checkpointing) run the group again in backward: same gradients."""
+    batch = batch_of(tiny_tokenizer)
+    results = []
+    for grouped in (False, True):
+        model = fused_model(tiny_model_dir, grouped=grouped)
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = counting(monkeypatch)
+        results.append(loss_and_grads(model, batch, False))
+        if grouped:
+            assert calls["siblings"] == 2 * 2  # each block's forward, and again in its backward
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for n, g in results[0][1].items():
+        assert torch.allclose(results[1][1][n], g, rtol=1e-4, atol=1e-7), n

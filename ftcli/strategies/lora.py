@@ -146,7 +146,9 @@ class Lora(PeftAdapter):
         peft_model = super().prepare(model, ctx)
         if self.fused and ctx.recipe.training.precision == "bf16":
             store_frozen_in_bf16(peft_model)
-        if self.fused:
+        if self.fused and not (ctx.processes > 1 and ctx.recipe.training.distributed == "fsdp"):
+            # (FSDP2 gathers each block's weights for its forward and frees them after: a [q;k;v] tensor held
+            # across steps would keep every block's weights whole on every rank)
             from ftcli.strategies import lora_siblings
 
             lora_siblings.group(peft_model)
