@@ -17,7 +17,8 @@ supply LoRA layers). It takes the fused path only where it computes what PEFT's 
 adapter, not merged, no DoRA or other variant, a plain float `nn.Linear` base, no extra arguments (dropout or not).
 Under autocast (`training.precision: bf16`) every product runs in bf16, as autocast would run PEFT's layer; the
 frozen base weight may be stored in bf16 already (lora.py), which saves the cast per call and half its memory.
-Anything else goes through PEFT's own forward. tests/test_strategies.py compares the two.
+Anything else goes through PEFT's own forward. tests/test_strategies.py compares the two. While training, the q, k
+and v layers of one attention block compute together where they can (lora_siblings.py, `siblings`).
 
 `strategy.fp32_branch: true` keeps only the base product in bf16: X·Aᵀ, its product with Bᵀ, the layer's output
 (base product + adapter, which bf16 would round at the scale of the whole output) and the adapter's gradients
