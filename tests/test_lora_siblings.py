@@ -166,19 +166,24 @@ def test_grouped_adapter_gradients_under_bf16_are_float32_sums():
         assert float((halves[0][i] + halves[1][i] - t).abs().max() / t.abs().max()) < 1e-5, i
 
 
-@pytest.mark.parametrize("processes, distributed, grouped", [(1, "fsdp", True), (2, "ddp", True),
-                                                             (2, "fsdp", False)])
-def test_lora_groups_q_k_v_unless_fsdp_shards_the_blocks(processes, distributed, grouped, tiny_model_dir):
+@pytest.mark.parametrize("processes, distributed, hold", [(1, "fsdp", True), (2, "ddp", True), (2, "fsdp", False)])
+def test_where_fsdp_shards_the_blocks_the_group_holds_no_weights(processes, distributed, hold, tiny_model_dir):
+    """Under FSDP2 the stacked weights are made per call (it frees each block's gathered weights after the block);
+    elsewhere the members' weights become views of one held tensor. Grouped either way: FSDP equals DDP."""
     from ftcli import recipe as recipe_mod
     from ftcli.strategies import Context
 
     r = recipe_mod.validate({"base_model": str(tiny_model_dir), "strategy": {"name": "lora", "r": 4},
                              "data": {"train": "x.jsonl"}, "training": {"distributed": distributed}})
-    strategy = Lora(r.strategy)
-    model = strategy.prepare(models.load_model(str(tiny_model_dir)), Context(recipe=r, processes=processes))
-    layers = [m for m in model.modules() if isinstance(m, lora_fused.FusedLinear)]
-    assert len(layers) == 14
-    assert sum(m.siblings is not None for m in layers) == (6 if grouped else 0)
+    model = Lora(r.strategy).prepare(models.load_model(str(tiny_model_dir)), Context(recipe=r, processes=processes))
+    groups = {m.siblings for m in model.modules() if isinstance(m, lora_fused.FusedLinear) and m.siblings}
+    assert len(groups) == 2 and {g.hold for g in groups} == {hold}
+    attn = model.base_model.model.model.layers[0].self_attn
+    weights = [getattr(attn, n).get_base_layer().weight for n in lora_siblings.MEMBERS]
+    before = [w.data_ptr() for w in weights]
+    model.train()
+    attn.q_proj(torch.randn(2, 5, 32))
+    assert ([w.data_ptr() for w in weights] == before) == (not hold)
 
 
 def test_grouped_under_activation_checkpointing(tiny_model_dir, tiny_tokenizer, monkeypatch):
@@ -195,3 +200,18 @@ def test_grouped_under_activation_checkpointing(tiny_model_dir, tiny_tokenizer, 
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     for n, g in results[0][1].items():
         assert torch.allclose(results[1][1][n], g, rtol=1e-4, atol=1e-7), n
+
+
+def test_bf16_storage_gives_the_head_its_own_bf16_copy_and_the_same_loss(tmp_path, tiny_tokenizer):
+    """Under bf16 the frozen head is stored in bf16 (autocast cast it every step), a tied embedding stays float32
+    for the lookup, and the loss is the one autocast gives over the float32 weights, bit for bit."""
+    folder = make_tiny_model.build(tmp_path / "tied", tie=True)
+    batch = batch_of(tiny_tokenizer)
+    plain = fused_model(folder, grouped=False)
+    stored = fused_model(folder, grouped=False, bf16=True)
+    lm = stored.base_model.model
+    assert lm.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert lm.get_input_embeddings().weight.dtype == torch.float32
+    assert plain.base_model.model.get_output_embeddings().weight is plain.base_model.model.get_input_embeddings().weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert float(nll_sum(stored, batch)) == float(nll_sum(plain, batch))

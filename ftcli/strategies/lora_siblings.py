@@ -71,8 +71,9 @@ class _Siblings(torch.autograd.Function):
 class Siblings:
     """The fused LoRA layers of one attention block that read one input, and the outputs not yet taken."""
 
-    def __init__(self, members: list):
+    def __init__(self, members: list, hold: bool = True):
         self.members = members
+        self.hold = hold  # keep one [q;k;v] tensor across calls (the members' weights its views), or cat per call
         self.weight: torch.Tensor | None = None
         self.pointers: list[int] = []
         self.pending: tuple | None = None  # (x, x's version, {member: output})
@@ -111,11 +112,13 @@ class Siblings:
         """The members' frozen weights as one tensor whose row blocks they are (made on first use, remade when a
         member's weight is no longer its view); None where they cannot be (different dtypes or devices, sharded)."""
         weights = [m.get_base_layer().weight for m in self.members]
-        if [w.data_ptr() for w in weights] == self.pointers:
+        if self.hold and [w.data_ptr() for w in weights] == self.pointers:
             return self.weight
         if any(type(w) is not torch.nn.Parameter or w.requires_grad for w in weights) or \
                 len({(w.dtype, w.device) for w in weights}) != 1:
             return None
+        if not self.hold:
+            return torch.cat([w.detach() for w in weights])
         self.weight = torch.cat([w.detach() for w in weights])
         for w, view in zip(weights, self.weight.split([w.shape[0] for w in weights])):
             w.data = view
@@ -123,15 +126,17 @@ class Siblings:
         return self.weight
 
 
-def group(model) -> int:
-    """Give every attention block whose q, k and v are fused LoRA layers one `Siblings`; returns the count."""
+def group(model, hold: bool = True) -> int:
+    """Give every attention block whose q, k and v are fused LoRA layers one `Siblings`; returns the count.
+    `hold`: False where something else owns the weights' storage between calls (FSDP2 gathers each block's weights
+    for its forward and frees them after): the stacked weights are then made per call instead."""
     from ftcli.strategies.lora_fused import FusedLinear
 
     n = 0
     for module in model.modules():
         members = [getattr(module, name, None) for name in MEMBERS]
         if all(isinstance(m, FusedLinear) for m in members):
-            siblings = Siblings(members)
+            siblings = Siblings(members, hold)
             for m in members:
                 m.siblings = siblings
             module.register_forward_hook(siblings.drop)
