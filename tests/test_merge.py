@@ -83,6 +83,27 @@ def test_exact_methods_equal_the_dense_reference(method, rank, adapters, tmp_pat
     assert res.rank == 9  # Σr: 4 + 2 + 3
 
 
+def test_svd_on_two_threads_equals_one_thread_and_gives_the_threads_back(adapters, monkeypatch):
+    """The shape groups split across torch's threads, each part single-threaded: the factors are those of one
+    thread bit for bit, every module is there once, and torch's thread count is what it was."""
+    loaded = [merge.read_adapter(adapters[n]) for n in "abc"]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = merge.merge_loaded(loaded, "svd", [0.7, -1.3, 2.0], rank=5)
+        torch.set_num_threads(2)
+        seen = []
+        real = merge._split
+        monkeypatch.setattr(merge, "_split", lambda names, parts: seen.append(parts) or real(names, parts))
+        _, two = merge.merge_loaded(loaded, "svd", [0.7, -1.3, 2.0], rank=5)
+        assert torch.get_num_threads() == 2 and seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(old)
+    assert set(one) == set(two)
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_one_adapter_at_weight_one_gives_itself_back(method, adapters, tmp_path):
     res = merge.merge_adapters([adapters["a"]], method, [1.0], density=DENSITY.get(method), out=tmp_path / "m")
