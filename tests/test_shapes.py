@@ -32,6 +32,8 @@ STRATEGIES = [
     {"name": "ewc", "inner": {"name": "full"}},
     {"name": "ewc", "inner": {"name": "lora", "r": 4}},
     {"name": "ewc", "inner": {"name": "hft", "seed": 5}},
+    {"name": "loha", "r": 4},
+    {"name": "vera", "r": 8},
 ]
 
 
@@ -96,11 +98,11 @@ def test_both_ways_refuse_a_strategy_that_does_not_fit_the_model_alike(folders, 
 
 
 def test_what_files_cannot_say_goes_the_weightless_way(folders, tmp_path):
-    """A strategy without a plan (PEFT's other adapters), an unknown layout or a mixture of experts: no counts from
-    files."""
-    r = recipe_mod.validate({"base_model": str(folders["llama"]), "strategy": {"name": "loha"},
-                             "data": {"train": "x.jsonl"}})
-    assert plan.from_files(r, strategies.get(r.strategy), allow_pickle=False, log=print) is None
+    """A strategy without a plan (lokr, oft, ia3), a PEFT family's list of target names (its errors are PEFT's), an
+    unknown layout or a mixture of experts: no counts from files."""
+    for doc in ({"name": "lokr"}, {"name": "oft"}, {"name": "ia3"}, {"name": "loha", "target_modules": ["q_proj"]}):
+        r = recipe_mod.validate({"base_model": str(folders["llama"]), "strategy": doc, "data": {"train": "x.jsonl"}})
+        assert plan.from_files(r, strategies.get(r.strategy), allow_pickle=False, log=print) is None, doc
     moe = make_tiny_model.build(tmp_path / "moe", arch="mixtral")
     assert shapes.read(moe) is None
     assert shapes.read(tmp_path) is None  # no config.json

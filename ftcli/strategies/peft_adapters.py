@@ -71,6 +71,19 @@ class PeftAdapter(Strategy):
         peft_model.peft_config["default"].base_model_name_or_path = ctx.recipe.base_model
         return peft_model
 
+    def plan_per_layer(self, shapes, tensors) -> "Planned | None":
+        """`plan` for a family whose trained tensors are a function of each adapted layer's (out, in) alone:
+        `tensors(out, in)` → {suffix: shape}. Only for `target_modules: all-linear` (every linear layer of the
+        blocks); a list of names goes the weightless way, so that its errors stay PEFT's."""
+        from ftcli.shapes import Planned
+
+        if getattr(self.params, "target_modules", None) != "all-linear":
+            return None
+        planned = Planned({f"{m}.{suffix}": shape for m in shapes.linear
+                           for suffix, shape in tensors(*shapes.out_in(m)).items()})
+        planned.added = planned.count
+        return planned
+
     def save(self, model, folder, state_dict=None):
         # save_embedding_layers=False: embeddings are never adapted here, and PEFT's "auto" would look the base
         # model up on the hub to compare vocabularies (a warning offline). `state_dict`: whole tensors under FSDP
@@ -124,6 +137,11 @@ class Vera(PeftAdapter):
         return VeraConfig(r=p.r, target_modules=p.target_modules, d_initial=p.d_initial, vera_dropout=p.dropout,
                           projection_prng_key=p.projection_seed, save_projection=True)
 
+    def plan(self, shapes, recipe):
+        """Two vectors per layer (the shared random projections are buffers, not parameters)."""
+        r = self.params.r
+        return self.plan_per_layer(shapes, lambda out, _: {"vera_lambda_b": (out,), "vera_lambda_d": (r,)})
+
 
 # -- LoHa and LoKr ------------------------------------------------------------------------------------------------
 class LohaParams(Params):
@@ -146,6 +164,12 @@ class Loha(PeftAdapter):
         p: LohaParams = self.params
         return LoHaConfig(r=p.r, alpha=p.alpha, rank_dropout=p.rank_dropout, module_dropout=p.module_dropout,
                           target_modules=p.target_modules)
+
+    def plan(self, shapes, recipe):
+        """Two rank-r products per layer."""
+        r = self.params.r
+        return self.plan_per_layer(shapes, lambda out, in_: {"hada_w1_a": (out, r), "hada_w1_b": (r, in_),
+                                                            "hada_w2_a": (out, r), "hada_w2_b": (r, in_)})
 
 
 class LokrParams(LohaParams):
