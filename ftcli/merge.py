@@ -304,7 +304,8 @@ def _on_threads(fn, groups: list[list[str]]):
     """(names, fn(names)) for every group, the groups split across torch's threads: each part runs on one thread
     with torch single-threaded meanwhile (LAPACK's Cholesky and eigh solve a batch one matrix after another, and
     the batched products of one part are small). torch's thread count is process-wide: it is set back before this
-    returns. Measured (`python scripts/bench_merge.py 128 2`, 2 cores): 0.25 s → 0.16–0.17 s for 210 modules."""
+    returns. Measured (`python scripts/bench_merge.py 128 2`, 2 cores, 210 modules): 0.21–0.22 s → 0.19 s
+    (docs/merge.md)."""
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
