@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from profile_step import lora_trainer  # noqa: E402
+from profile_step import build_trainer  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     from ftcli.strategies.lora_fused import FusedLinear
 
-    trainer = lora_trainer(args.precision)
+    trainer = build_trainer(args.precision)
     groups = {m: m.siblings for m in trainer.model.modules() if isinstance(m, FusedLinear) and m.siblings}
     for step in range(3):
         trainer.step(step)

@@ -52,7 +52,7 @@ def category(name: str, shapes: list, rank: int) -> str:
     return "other operators"
 
 
-def lora_trainer(precision: str, *, strategy: str = "lora", dropout: float = 0.0, batch: int = 4, max_len: int = 512,
+def build_trainer(precision: str, *, strategy: str = "lora", dropout: float = 0.0, batch: int = 4, max_len: int = 512,
                  rows: int = 64):
     """The Trainer `ftcli train` builds for LoRA r=16 on every linear layer (or full fine-tuning) of the built-in
     model over the first `rows` alpaca training rows, in training mode, in a temporary folder."""
@@ -104,7 +104,7 @@ def main() -> None:
     results = {}
     rank = 16 if args.strategy == "lora" else -1  # the LoRA products are the matmuls with a side of this size
     for precision in args.precisions.split(","):
-        trainer = lora_trainer(precision, strategy=args.strategy, dropout=args.dropout, batch=args.batch,
+        trainer = build_trainer(precision, strategy=args.strategy, dropout=args.dropout, batch=args.batch,
                                max_len=args.max_len, rows=args.rows)
         for step in range(args.warmup):
             trainer.step(step)

@@ -18,6 +18,8 @@ On other devices torch's own dropout is used (CUDA draws masks in parallel alrea
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # SplitMix64's constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic; the bits are the same)
@@ -41,9 +43,7 @@ def splitmix64(seed: int, n: int) -> torch.Tensor:
 
 def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A bool mask of `shape`, each element True (kept) with probability 1 − p (to 2⁻³²), independently."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     seed = int(torch.randint(-(1 << 62), 1 << 62, (1,), dtype=torch.int64))
     words = splitmix64(seed, (n + 1) // 2).view(torch.int32)[:n]  # uniform over all 2³² values, as signed
     return (words >= round(p * (1 << 32)) - (1 << 31)).view(shape)

@@ -117,10 +117,11 @@ class Siblings:
         if any(type(w) is not torch.nn.Parameter or w.requires_grad for w in weights) or \
                 len({(w.dtype, w.device) for w in weights}) != 1:
             return None
+        stacked = torch.cat([w.detach() for w in weights])
         if not self.hold:
-            return torch.cat([w.detach() for w in weights])
-        self.weight = torch.cat([w.detach() for w in weights])
-        for w, view in zip(weights, self.weight.split([w.shape[0] for w in weights])):
+            return stacked
+        self.weight = stacked
+        for w, view in zip(weights, stacked.split([w.shape[0] for w in weights])):
             w.data = view
         self.pointers = [w.data_ptr() for w in weights]
         return self.weight
