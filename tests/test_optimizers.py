@@ -65,6 +65,44 @@ def test_lomo_update_equals_sgd_and_keeps_no_gradient(tmp_path, tiny_model_dir, 
     assert moved > 0
 
 
+@pytest.mark.parametrize("clip", [0.05, 1e6], ids=["clipped", "under-the-clip"])
+def test_fused_adamw_clips_inside_its_step_as_clip_grad_norm_does(tmp_path, tiny_model_dir, clip):
+    """With torch's fused AdamW the clipping is the step's own divisor (no pass multiplying the gradients): the
+    update equals clip_grad_norm_ followed by the same step (to float32 rounding; bit for bit when the norm is under
+    the clip) and the reported norm is clip_grad_norm_'s."""
+    recipe = _recipe(tmp_path, tiny_model_dir, lr=1e-2, max_grad_norm=clip)
+    batch = _batch(tiny_model_dir)
+    model = load_model(str(tiny_model_dir))
+    reference = copy.deepcopy(model)
+    named, ref_named = list(model.named_parameters()), list(reference.named_parameters())
+    updates = optimizers.updates(optimizers.make(recipe, named), [p for _, p in named], clip)
+    ref_opt = optimizers.make(recipe, ref_named)
+    assert updates.clips_in_step
+    for _ in range(3):
+        updates.backward(nll_sum(model, batch) / batch.n_trained)
+        norm = updates.apply()
+        (nll_sum(reference, batch) / batch.n_trained).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        assert norm == pytest.approx(float(ref_norm), rel=1e-6)
+        assert (norm > clip) == (clip < 1)  # the clip really scales (or really does not) in each case
+    for (n, p), (_, q) in zip(named, ref_named):
+        if clip < 1:
+            assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), n
+        else:
+            assert torch.equal(p, q), n
+
+
+def test_clipping_stays_outside_the_step_where_the_step_cannot_do_it():
+    """Only torch's fused AdamW divides by a grad_scale; other optimisers keep clip_grad_norm_."""
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    assert optimizers.clips_in_step(torch.optim.AdamW([w], fused=True), [w])
+    assert not optimizers.clips_in_step(torch.optim.AdamW([w], foreach=True), [w])
+    assert not optimizers.clips_in_step(torch.optim.Adafactor([w]), [w])
+    assert not optimizers.updates(torch.optim.AdamW([w], fused=True), [w], None).clips_in_step
+
+
 def test_adamw_8bit_runs_here_and_tracks_adamw():
     """bitsandbytes' 8-bit AdamW runs on this CPU: over 20 steps on a 256×1024 layer its weights stay within 1% of
     fp32 AdamW's total movement, and its moments are stored as uint8."""
