@@ -338,3 +338,69 @@ def test_resume_is_exact_for_stateful_strategies(tmp_path, tiny_model_dir, strat
     if strategy["name"] == "hft":
         rounds = [json.loads(x)["round"] for x in (resumed / "hft_rounds.jsonl").read_text().splitlines()]
         assert rounds == [0, 1, 2]
+
+
+def _tied_batch(folder):
+    from ftcli.data import load_examples
+    from ftcli.data.batching import collate
+    from ftcli.data.tokenize import Encoder, pad_id
+    from ftcli.models import load_tokenizer
+
+    tok = load_tokenizer(str(folder))
+    path = write_jsonl(folder.parent / "tied_rows.jsonl", varied_rows(6))
+    encoded = Encoder(tok, None, 64, "truncate", "alpaca").encode_all(load_examples(str(path), "alpaca", {}))[0]
+    return collate(encoded, pad_id(tok), False, 64)
+
+
+def test_a_tied_embedding_gets_the_dense_gradient_through_a_sparse_lookup(tmp_path, tiny_model_dir):
+    """Full fine-tuning of a tied model: the lookup's gradient is sparse and joins the head's dense one; every
+    gradient (two passes accumulated) equals the dense lookup's, and the tied weight's stays a dense tensor, also
+    from a backward that never reaches the head. Untied, frozen or already sparse lookups are left alone."""
+    import copy
+
+    import make_tiny_model
+    from ftcli.loss import nll_sum, sparse_tied_lookup
+    from ftcli.models import load_model
+
+    folder = make_tiny_model.build(tmp_path / "tied", tie=True)
+    batch = _tied_batch(folder)
+    model = load_model(str(folder))
+    reference = copy.deepcopy(model)
+    assert sparse_tied_lookup(model) and model.get_input_embeddings().sparse
+    assert not sparse_tied_lookup(model)  # once
+    for m in (model, reference):
+        parts = batch.split(3 * batch.input_ids.shape[1])  # two passes of three rows, accumulated
+        assert len(parts) == 2
+        for part in parts:
+            (nll_sum(m, part) / batch.n_trained).backward()
+    weight = model.get_input_embeddings().weight
+    assert weight.grad.layout == torch.strided
+    for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8), n
+    for m in (model, reference):
+        m.zero_grad(set_to_none=True)
+        m.get_input_embeddings()(batch.input_ids).pow(2).sum().backward()  # the lookup alone
+    assert weight.grad.layout == torch.strided
+    assert torch.allclose(weight.grad, reference.get_input_embeddings().weight.grad)
+
+    assert not sparse_tied_lookup(load_model(str(tiny_model_dir)))  # untied
+    frozen = load_model(str(folder))
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert not sparse_tied_lookup(frozen)
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_the_trainer_makes_a_trained_tied_lookup_sparse(tmp_path, strategy):
+    import make_tiny_model
+    from ftcli.loss import causal_lm
+
+    folder = make_tiny_model.build(tmp_path / "tied", tie=True)
+    data = write_jsonl(tmp_path / "d.jsonl", varied_rows(8))
+    path = make_recipe(tmp_path, folder, data, strategy={"name": strategy}, training={"max_steps": 1})
+    r = recipe_mod.load(path)
+    run_folder = RunFolder.create(tmp_path / "run", resume=False, overwrite=True)
+    trainer = train.Trainer(train.build(r, run_dir=run_folder.path, log=lambda *a: None), run_folder)
+    assert causal_lm(trainer.model).get_input_embeddings().sparse == (strategy == "full")
+    trainer.step(0)
+    named = dict(trainer.model.named_parameters())
+    assert all(p.grad is None for p in named.values())  # the step zeroed what it applied
