@@ -43,30 +43,6 @@ def trained_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return h[keep], targets[keep]
 
 
-def sparse_tied_lookup(model) -> bool:
-    """Where the input embedding is the output head's weight and trains (full fine-tuning of a tied model), make
-    its lookup's gradient sparse (the rows of the pass's tokens): autograd adds it into the head's dense gradient
-    of the same weight. Otherwise the lookup's backward zero-fills a [vocab × hidden] matrix for a few hundred rows
-    and a second full-size sum follows (113 MB each on the built-in model: ≈ 6% of a full fine-tuning step,
-    docs/benchmarks.md). A gradient left sparse (a backward that did not reach the head) is made dense before
-    anything reads it. Not for FSDP2's sharded (DTensor) weights. → whether it applied."""
-    lm = causal_lm(model)
-    emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
-    weight = getattr(emb, "weight", None)
-    if (type(emb) is not torch.nn.Embedding or emb.sparse or weight is None
-            or weight is not getattr(head, "weight", None) or not weight.requires_grad
-            or hasattr(weight, "full_tensor")):
-        return False
-    emb.sparse = True
-    weight.register_post_accumulate_grad_hook(_dense_grad)
-    return True
-
-
-def _dense_grad(weight) -> None:
-    if weight.grad is not None and weight.grad.is_sparse:
-        weight.grad = weight.grad.to_dense()
-
-
 def _apply_head(head, fn, h, *aligned):
     logits = head(h)
     return fn(logits if logits.dtype == torch.float64 else logits.float(), *aligned)  # at least float32

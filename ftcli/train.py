@@ -46,7 +46,7 @@ from ftcli.data.batching import plan_epoch, shard_step
 from ftcli.data.tokenize import Encoder, marked_text, pad_id, show_mask
 from ftcli.errors import RunError, UserError
 from ftcli.evaluate import choice_accuracy, generation_metrics, to_device
-from ftcli.loss import causal_lm, sparse_tied_lookup
+from ftcli.loss import causal_lm
 from ftcli.objectives import Objective
 from ftcli.run_folder import RunFolder
 from ftcli.runtime import autocast as autocast_for
@@ -440,7 +440,6 @@ class Trainer:
                                                  self.recipe.data.max_len), self.device)
         self.parallel = parallel.wrap(self.model, self.objective, self.strategy, t.distributed, first, self.autocast)
         self.filler = first  # what a rank with fewer passes than the step's busiest runs, counting zero
-        sparse_tied_lookup(self.model)  # after wrapping: FSDP's sharded weights keep the dense lookup
         self.named = self.strategy.train_params(self.model)  # after wrapping: FSDP replaces the parameters
         if not self.named:
             raise UserError(f"strategy {self.strategy.name}: no parameter is trainable")
