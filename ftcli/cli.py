@@ -290,7 +290,9 @@ def merge(
 ):
     """Combine LoRA adapters from their files alone (no base model) into a new PEFT adapter folder."""
     from ftcli import merge as merge_mod
+    from ftcli.runtime import tune_process
 
+    tune_process()  # the heap keeps freed batches for the next shape group (docs/merge.md)
     console = _console()
     res = merge_mod.merge_adapters(adapters, method, _floats(weights, "--weights"), rank, density, seed, out,
                                    dry_run=dry_run, overwrite=overwrite)

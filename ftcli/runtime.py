@@ -6,7 +6,8 @@ A training step allocates and frees gigabytes of activation tensors. glibc retur
 zeroes them again. `tune_allocator()` keeps freed memory in the heap for reuse instead (mmap and trim thresholds at
 1 GiB). That does not raise peak RSS, because a step runs in passes of at most `training.pass_tokens` positions
 (train.py): the activations of one pass are all that is ever live. scripts/bench_train.py --variants measures it on
-its own (docs/benchmarks.md).
+its own (docs/benchmarks.md). `ftcli merge` gains the same way: each shape group's batches reuse the last one's
+memory (docs/merge.md).
 
 bf16 matrix products on the CPU go through oneDNN, which compiles a kernel for every new product shape and keeps
 up to 1,024 of them in each of two caches (ideep's, sized by LRU_CACHE_CAPACITY, and oneDNN's primitive cache,

@@ -12,7 +12,8 @@ reading and writing (what `ftcli merge` adds on top) is printed beside it, and t
 
     python scripts/bench_merge.py [RANKS] [THREADS]    # RANKS comma-separated, default 128,64; THREADS default 1
 
-Both tools run with the same number of torch threads (default 1: on a shared machine, multi-threaded LAPACK waits
+Both tools run in one process with the settings `ftcli merge` makes (runtime.tune_process: glibc keeps freed memory
+in its heap) and the same number of torch threads (default 1: on a shared machine, multi-threaded LAPACK waits
 on descheduled threads and the timings swing by 10× and more; pass 2 or more on a quiet machine).
 """
 
@@ -34,6 +35,7 @@ from ftcli import merge  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 R = 64
+CALLS = 7  # ftcli calls per rank (one process: the machine's noise moves a single 0.2 s call by ±15%)
 
 
 def model_config():
@@ -84,6 +86,9 @@ def errors(pairs, ref) -> tuple[float, float]:
 def main() -> None:
     ranks = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "128,64").split(",")]
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    from ftcli.runtime import tune_process
+
+    tune_process()  # the process settings `ftcli merge` makes (glibc's heap thresholds), for both tools alike
     from peft import PeftModel
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
@@ -125,14 +130,14 @@ def main() -> None:
         loaded = [merge.read_adapter(tmp / n) for n in "ab"]
         t1 = time.perf_counter()
         times = []
-        for _ in range(3):  # the first call is cold (fresh allocations); the speed-up uses the median of 3
+        for _ in range(CALLS):  # the first call is cold (fresh allocations); the speed-up uses the median
             t2 = time.perf_counter()
             res, tensors = merge.merge_loaded(loaded, "svd", [1.0, 1.0], rank=rank)
             times.append(time.perf_counter() - t2)
         t2 = time.perf_counter()
         merge._write(out, loaded, tensors, merge._output_config(loaded, [m.name for m in res.modules], res.rank), res)
         t3 = time.perf_counter()
-        ftcli_cold, ftcli_s, ftcli_io_s = times[0], sorted(times)[1], (t1 - t) + (t3 - t2)
+        ftcli_cold, ftcli_s, ftcli_io_s = times[0], sorted(times)[CALLS // 2], (t1 - t) + (t3 - t2)
         merged = merge.read_adapter(out)
         ours = {m: (B, A, merged.scale(m)) for m, (A, B, _) in merged.factors.items()}
 
@@ -155,7 +160,7 @@ def main() -> None:
               f"{pa:>14.3e} {orl:>10.2e} {prl:>10.2e} {res.max_error:>9.2e}")
     cold = ", ".join(f"{r['speedup_cold']:.1f}×" for r in rows)
     with_io = ", ".join(f"{r['speedup_with_io']:.1f}×" for r in rows)
-    print("ftcli s: the merge arithmetic (merge.merge_loaded), median of 3 calls, comparable with PEFT's single "
+    print(f"ftcli s: the merge arithmetic (merge.merge_loaded), median of {CALLS} calls, comparable with PEFT's single "
           "in-memory call; cold s: ftcli's first call; +I/O s: reading both adapters and writing the output folder; "
           f"speed-up = PEFT s / ftcli s (against the cold call: {cold}; cold call + I/O: {with_io}); rel: max over "
           "modules of "

@@ -104,6 +104,33 @@ def test_svd_on_two_threads_equals_one_thread_and_gives_the_threads_back(adapter
         assert torch.equal(one[k], two[k]), k
 
 
+def test_the_costliest_parts_start_first(monkeypatch):
+    """Parts go to the threads costliest first (so the last to finish is a small one), each once, every module in
+    one part."""
+    import threading
+    import time
+
+    started, lock = [], threading.Lock()
+
+    def fn(names):
+        with lock:
+            started.append(tuple(names))
+        time.sleep(0.02)
+        return len(names)
+
+    groups = [[f"small{i}" for i in range(2)], [f"big{i}" for i in range(6)], [f"mid{i}" for i in range(4)]]
+    cost = {"s": 1, "m": 10, "b": 100}
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = merge._on_threads(fn, groups, lambda names: cost[names[0][0]] * len(names))
+    finally:
+        torch.set_num_threads(old)
+    assert sorted(n for names, _ in out for n in names) == sorted(n for g in groups for n in g)
+    assert [len(started), {p[0][0] for p in started[:2]}] == [6, {"b"}]
+    assert {p[0][0] for p in started[-2:]} == {"s"}
+
+
 @pytest.mark.parametrize("method", ALL)
 def test_one_adapter_at_weight_one_gives_itself_back(method, adapters, tmp_path):
     res = merge.merge_adapters([adapters["a"]], method, [1.0], density=DENSITY.get(method), out=tmp_path / "m")
