@@ -503,7 +503,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
                          density=density, seed=seed, dry_run=dry_run)
 
     merged: dict[str, tuple] = {}  # module → (A, B, error, finiteness already checked)
-    stacked: dict[str, tuple] = {}  # module → (factors, scales, working dtype) for the low-rank SVD, run in batches of equal shapes
+    stacked: dict[str, tuple] = {}  # module → (factors, scales, working dtype): low-rank SVD, batched by shape
     for module in modules:
         A0, B0, kind = adapters[0].factors[module]
         shape = (B0.shape[0], A0.shape[1])
