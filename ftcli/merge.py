@@ -553,7 +553,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
         return [(A_out[i], B_out[i], errors[i], finite[i]) for i in range(len(names))]
 
     def cost(names: list[str]) -> int:
-        """The products' work of factoring `names` together: n²(d + k) per module, plus n³ for the small ones."""
+        """The work of factoring `names` together: n²(d + k + n) per module (its products and n×n steps)."""
         factors = stacked[names[0]][0]
         d, k, n = factors[0][1].shape[0], factors[0][0].shape[1], sum(A.shape[0] for A, _ in factors)
         return len(names) * n * n * (d + k + n)
