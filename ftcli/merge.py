@@ -532,11 +532,15 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
         key = (factors[0][1].shape[0], factors[0][0].shape[1], tuple(A.shape[0] for A, _ in factors), work)
         groups.setdefault(key, []).append(module)
 
+    def dims(names: list[str]) -> tuple[int, int, int]:
+        """(d, k, n) of a shape group: ΔW is d×k, n the sum of the input ranks."""
+        factors = stacked[names[0]][0]
+        return factors[0][1].shape[0], factors[0][0].shape[1], sum(A.shape[0] for A, _ in factors)
+
     def factor(names: list[str]) -> list[tuple]:
         """(A, B, error, finite) of modules of one shape: B' = [w_i s_i B_i] and A' = [A_i] written straight into
         one batch tensor each, factored together."""
-        factors, _, work = stacked[names[0]]
-        d, k, n = factors[0][1].shape[0], factors[0][0].shape[1], sum(A.shape[0] for A, _ in factors)
+        (d, k, n), work = dims(names), stacked[names[0]][2]
         Bs, As = torch.empty(len(names), d, n, dtype=work), torch.empty(len(names), n, k, dtype=work)
         for i, m in enumerate(names):
             factors, scales, _ = stacked[m]
@@ -554,8 +558,7 @@ def merge_loaded(adapters: list[Adapter], method: str, weights: list[float], ran
 
     def cost(names: list[str]) -> int:
         """The work of factoring `names` together: n²(d + k + n) per module (its products and n×n steps)."""
-        factors = stacked[names[0]][0]
-        d, k, n = factors[0][1].shape[0], factors[0][0].shape[1], sum(A.shape[0] for A, _ in factors)
+        d, k, n = dims(names)
         return len(names) * n * n * (d + k + n)
 
     for names, results in _on_threads(factor, list(groups.values()), cost):
