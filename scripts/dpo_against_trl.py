@@ -68,7 +68,8 @@ def reward_accuracy(w: Path, adapter: Path, rows: list[dict]) -> float:
         turn = [{"role": "user", "content": prompt}]
         p = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(turn + [{"role": "assistant", "content": answer}], tokenize=False)
-        n, x = len(tok(p, add_special_tokens=False)["input_ids"]), torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+        n = len(tok(p, add_special_tokens=False)["input_ids"])
+        x = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
             lp = torch.log_softmax(model(x).logits[0, :-1].float(), -1).gather(1, x[0, 1:, None])[:, 0]
         return lp[n - 1 :].sum().item()
@@ -93,7 +94,7 @@ def main() -> None:
     train_rows = pairs[: len(pairs) - len(pairs) // 10]  # TRL gets 90% as ftcli's `validation: 0.1` keeps
     results = {"trl": reward_accuracy(w, trl_adapter(w, lr, steps, seed, train_rows), held),
                "ftcli": reward_accuracy(w, ftcli_adapter(w, lr, steps, seed), held)}
-    print(f"lr {lr}, {steps} steps × 8 pairs, seed {seed}, {len(held)} held-out pairs: held-out implicit reward accuracy "
+    print(f"lr {lr}, {steps} steps × 8 pairs, seed {seed}, {len(held)} held-out pairs: implicit reward accuracy "
           + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
     print(json.dumps({"lr": lr, "steps": steps, "seed": seed, **results}))
 
