@@ -85,7 +85,8 @@ def test_exact_methods_equal_the_dense_reference(method, rank, adapters, tmp_pat
 
 def test_svd_on_two_threads_equals_one_thread_and_gives_the_threads_back(adapters, monkeypatch):
     """The shape groups split across torch's threads, each part single-threaded: the factors are those of one
-    thread bit for bit, every module is there once, and torch's thread count is what it was."""
+    thread (to float rounding: the same modules factored in batches of another size round differently on an AMD
+    EPYC, bit for bit on the Intel machine), every module is there once, and torch's thread count is what it was."""
     loaded = [merge.read_adapter(adapters[n]) for n in "abc"]
     old = torch.get_num_threads()
     try:
@@ -101,7 +102,7 @@ def test_svd_on_two_threads_equals_one_thread_and_gives_the_threads_back(adapter
         torch.set_num_threads(old)
     assert set(one) == set(two)
     for k in one:
-        assert torch.equal(one[k], two[k]), k
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6 * float(one[k].abs().max()), msg=k)
 
 
 def test_the_costliest_parts_start_first(monkeypatch):
