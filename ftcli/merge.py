@@ -286,7 +286,7 @@ def lowrank_svd_batched(B, A, rank: int):
         tiny = Sr <= Sr[:, :1] * eps * n_in * 10
         D = torch.where(tiny, torch.ones_like(Sr), Sr.clamp(min=torch.finfo(work).tiny).rsqrt())  # Λ^-¼
         Bo = Bg @ ((L @ Vr) * D[:, None, :])
-        # Λ^¼ Vᵀ L⁻¹ solved from the right against L itself rather than Lᵀ X = V Λ^-¼ transposed: no copies of
+        # Λ^¼ Vᵀ L⁻¹ solved from the right against L itself rather than Lᵀ X = V Λ^¼ transposed: no copies of
         # transposed operands, and the product after it reads a contiguous matrix (docs/merge.md, "On an AMD EPYC")
         Ao = torch.linalg.solve_triangular(L, (Vr / D[:, None, :]).mT, upper=False, left=False) @ Ag
         if everything:
