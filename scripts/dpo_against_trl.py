@@ -1,9 +1,11 @@
 """DPO on a preference task, ftcli against TRL's DPOTrainer with the same settings, scored alike.
 
 Both train LoRA (r 8, alpha 32, every linear layer) with sigmoid DPO (β 0.1) for STEPS steps of 8 pairs at
-learning rate LR (cosine, AdamW, clip 1.0, seed SEED) on the first 90% of FOLDER/pairs.jsonl. Then each adapter's
-implicit reward (log π − log π_ref of the answer and its end-of-turn, through plain transformers + PEFT) is compared
-on FOLDER/held.jsonl's pairs: the share where the chosen answer's reward beats the rejected one's.
+learning rate LR (cosine, AdamW, clip 1.0, seed SEED) on 90% of FOLDER/pairs.jsonl: TRL on the first 90%, ftcli
+with the check's recipe (`validation: 0.1`, which holds out a seeded random 10%), so the same number of rows, not
+the same rows. Then each adapter's implicit reward (log π − log π_ref of the answer and its end-of-turn, through
+plain transformers + PEFT, as the check computes it) is compared on FOLDER/held.jsonl's pairs: the share where the
+chosen answer's reward beats the rejected one's.
 
 FOLDER holds a model folder `tiny/` (with a chat template) and the two JSONL files of {prompt, chosen, rejected}
 rows. The acceptance check of issue 7 builds its own (see docs/objectives.md for the commands). TRL is not one of
@@ -15,6 +17,7 @@ ftcli's dependencies: install it beside them (`pip install --no-deps trl`, or in
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +94,7 @@ def main() -> None:
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     pairs = [json.loads(x) for x in (w / "pairs.jsonl").read_text().splitlines() if x.strip()]
     held = [json.loads(x) for x in (w / "held.jsonl").read_text().splitlines() if x.strip()]
-    train_rows = pairs[: len(pairs) - len(pairs) // 10]  # TRL gets 90% as ftcli's `validation: 0.1` keeps
+    train_rows = pairs[: len(pairs) - math.ceil(len(pairs) * 0.1)]  # as many rows as ftcli's `validation: 0.1` keeps
     results = {"trl": reward_accuracy(w, trl_adapter(w, lr, steps, seed, train_rows), held),
                "ftcli": reward_accuracy(w, ftcli_adapter(w, lr, steps, seed), held)}
     print(f"lr {lr}, {steps} steps × 8 pairs, seed {seed}, {len(held)} held-out pairs: implicit reward accuracy "
