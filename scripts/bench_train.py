@@ -125,7 +125,8 @@ def worker_ftcli(args) -> dict:
            "training": {"epochs": 1, "batch_size": args.batch, "lr": LR, "schedule": "linear", "warmup": 0,
                         "weight_decay": 0.0, "precision": args.precision, "compile": args.compile, "seed": args.seed,
                         "pass_tokens": args.pass_tokens, "grad_accum": args.grad_accum},
-           "eval": {"metrics": ["loss"]}, "output": str(tmp / "run")}
+           "eval": {"metrics": ["loss"], **({"retention": []} if args.no_retention else {})},
+           "output": str(tmp / "run")}
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(doc))
     r = recipe_mod.load(tmp / "recipe.yaml")
     if args.no_packed_attention:
@@ -199,7 +200,8 @@ def run_one(system: str, strategy: str, args, extra: list[str]) -> dict:
                "--val-rows", str(args.val_rows), "--batch", str(args.batch), "--max-len", str(args.max_len),
                "--tmp", tmp, "--result", str(out), "--seed", str(args.seed), "--dropout", str(args.dropout),
                "--grad-accum", str(args.grad_accum), "--data", args.data,
-               *(["--base", args.base] if args.base else []), *extra]
+               *(["--base", args.base] if args.base else []), *(["--no-retention"] if args.no_retention else []),
+               *extra]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         env.update(kv.split("=", 1) for flag, kv in zip(extra, extra[1:]) if flag == "--env")
         t0 = time.perf_counter()
@@ -286,6 +288,9 @@ def main() -> None:
     ap.add_argument("--base", help="a model folder instead of the built-in model (e.g. random weights of its shape "
                     "on a machine without it: scripts/gpu_bench.sh)")
     ap.add_argument("--data", default=str(DATA), help="a folder with alpaca train.jsonl and test.jsonl")
+    ap.add_argument("--no-retention", action="store_true",
+                    help="ftcli's runs skip the built-in retention probe (scored before and after training, outside "
+                    "the timed steps): on a new base model it first generates the base's answers, minutes on a CPU")
     ap.add_argument("--env", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--markdown", type=Path, help="write the table and the command to this file")
@@ -302,6 +307,11 @@ def main() -> None:
     ap.add_argument("--pass-tokens", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--fp32-branch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    steps = -(-args.rows // (args.batch * args.grad_accum))  # both sides take one optimiser step per batch·accum rows
+    if steps <= WARMUP:
+        ap.error(f"--rows {args.rows} at --batch {args.batch} and --grad-accum {args.grad_accum} is {steps} optimiser "
+                 f"step(s), and the first {WARMUP} are warm-up, left out of the timings: give at least "
+                 f"{args.batch * args.grad_accum * WARMUP + 1} rows")
     if args.worker:
         sys.path.insert(0, str(ROOT))
         from ftcli.logs import quiet

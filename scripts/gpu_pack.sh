@@ -9,6 +9,8 @@
 #             throughput and memory are the model's, losses are not meaningful)
 # .gpu/alpaca the first 96 train and 48 test rows of ../shared/data/alpaca (../shared does not travel)
 # .gpu/whl    wheels for Python 3.12 of what the image lacks or has in another version than ours
+# .gpu/site   bitsandbytes (for the QLoRA rows), unpacked with only its CPU and CUDA 13 libraries: the whole wheel
+#             (43 MB, a library for every CUDA and ROCm version) would not fit the device tool's 64 MiB carry
 set -e
 PY=${PY:-.venv/bin/python}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
@@ -26,4 +28,16 @@ for pkg in transformers peft pydantic pydantic_core annotated-types typing-inspe
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .gpu/whl "$pkg==$(v $pkg)"
 done
+bnb=$(mktemp -d)
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "$bnb" "bitsandbytes==$(v bitsandbytes)"
+mkdir -p .gpu/site
+$PY - "$bnb"/bitsandbytes-*.whl .gpu/site <<'PY'
+import re, sys, zipfile
+keep = re.compile(r"libbitsandbytes_(cpu|cuda13\d)\.so$")
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if not n.endswith(".so") or keep.search(n)])
+PY
+rm -rf "$bnb"
 du -sh .gpu
