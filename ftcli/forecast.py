@@ -1,18 +1,21 @@
 """`ftcli check --probe K`: run K real optimiser steps of a recipe and project the whole run from them.
 
 The probe is the run cut to K steps, in a temporary folder: the model loads, the validation loss is computed
-before and after, K steps train and the artifact is written; generation metrics (exact_match, accuracy by
-candidates) and the retention sets are left out, because on a small model they cost minutes, more than the steps
-being timed. So the load and the save are measured as they will cost, what a run does per step or per loss pass
-is measured once and multiplied, and what was left out is named, not guessed:
+before and after, K steps train and the artifact is written. What costs time by the row outside the steps runs on
+a sample: generation metrics (exact_match, accuracy by candidates, ...) before and after on the first SAMPLE
+validation rows, each retention set before and after on its first SAMPLE rows; the run's rows are counted and
+their time projected from the sample's. So the load and the save are measured as they will cost, what a run does
+per step, per loss pass or per scored row is measured and multiplied, and what is left out is named, not guessed:
 
     projected = probe wall time + (steps − K) × median step time + passes between steps × loss-pass time
-                (+ generation metrics before and after, + retention sets: not timed)
+                + Σ over generation and each retention set: its time on the sample × (run's rows ÷ sample's − 1)
 
-The median leaves out the first step (allocator warm-up, a compiled graph) unless K is 1. Checkpoints between
-steps are not timed either (one costs about what the final save did). The probe writes nothing outside its
-temporary folder except the caches a run fills anyway (tokenized data, a DPO reference, a Fisher matrix), which
-make the real run's start faster than projected.
+The median leaves out the first step (allocator warm-up, a compiled graph) unless K is 1. Generation's rows are
+counted from the validation split (a mixture generates for its chat rows alone, so there it is an upper bound).
+Not timed, and named: checkpoints between steps (one costs about what the final save did) and, on a base model's
+first run, the base model's answers to the built-in probe's prompts (cached after). The probe writes nothing
+outside its temporary folder except the caches a run fills anyway (tokenized data, a DPO reference, a Fisher
+matrix, the probe's answers for its sample), which make the real run's start faster than projected.
 """
 
 from __future__ import annotations
@@ -21,14 +24,31 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+SAMPLE = 16  # rows the probe generates for or scores, before and after: one batch of generation (evaluate.py)
+
+
+@dataclass
+class Sampled:
+    """Work the run does by the row outside its steps, timed in the probe on a sample of the rows."""
+
+    what: str  # e.g. "exact_match before and after on 100 validation rows"
+    seconds: float  # the sample's, before and after (inside the probe's wall time)
+    sample_rows: int
+    run_rows: int
+
+    @property
+    def run_s(self) -> float:
+        return self.seconds * self.run_rows / self.sample_rows if self.sample_rows else 0.0
 
 
 @dataclass
 class Forecast:
     probe_steps: int
-    probe_wall_s: float  # the whole probe run: load, the validation loss twice, K steps, save
+    probe_wall_s: float  # the whole probe run: load, the validation loss twice, K steps, samples, save
     step_s: float  # the median optimiser step
     tokens_per_s: float
     peak_rss_mb: float  # measured over the probe (the process's peak)
@@ -36,11 +56,12 @@ class Forecast:
     passes_between: int  # validation passes between steps (eval.every)
     loss_pass_s: float  # one of them: the loss over the validation split
     not_timed: list[str]  # what the run does that the probe left out
+    sampled: list[Sampled] = field(default_factory=list)  # generation metrics, each retention set
 
     @property
     def projected_s(self) -> float:
         return (self.probe_wall_s + max(self.steps - self.probe_steps, 0) * self.step_s
-                + self.passes_between * self.loss_pass_s)
+                + self.passes_between * self.loss_pass_s + sum(x.run_s - x.seconds for x in self.sampled))
 
 
 def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast:
@@ -53,8 +74,10 @@ def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast
     short = recipe.model_copy(deep=True)
     short.training.max_steps = k
     short.training.checkpoint_every = None
-    short.eval.metrics = [m for m in recipe.eval.metrics if m in ("loss", "perplexity")] or ["loss"]
-    short.eval.retention = []
+    limit = recipe.eval.limit
+    short.eval.limit = min(limit, SAMPLE) if limit else SAMPLE
+    short.eval.retention = [rs.model_copy(update={"limit": min(rs.limit or SAMPLE, SAMPLE)})
+                            for rs in recipe.eval.retention]
     with tempfile.TemporaryDirectory(prefix="ftcli-probe-") as tmp:
         started = time.perf_counter()
         folder = train.run(short, output=Path(tmp) / "run", allow_pickle=allow_pickle,
@@ -65,27 +88,64 @@ def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast
     train_rows = [r for r in rows if r.get("kind") == "train"]
     timed = [r["step_s"] for r in train_rows[1:]] or [r["step_s"] for r in train_rows]
     evals = [r for r in rows if r.get("kind") == "eval" and "loss_eval_s" in r]
+    generated = [m for m in recipe.eval.metrics if m not in ("loss", "perplexity")]
+    pool = report["data"]["splits"].get("validation", {}).get("kept", 0) if generated else 0
+    sampled = []
+    if pool:  # before and after: the passes that generate (the first at step 0, the last at the last step)
+        ends = [r for r in evals[:1] if r["step"] == 0] + [r for r in evals[-1:] if r["step"] == len(train_rows)]
+        run_rows = min(limit, pool) if limit else pool
+        sampled.append(Sampled(f"{', '.join(generated)} before and after on {run_rows} validation rows",
+                               sum(r["eval_s"] - r["loss_eval_s"] for r in ends), min(short.eval.limit, pool),
+                               run_rows))
     return Forecast(
         probe_steps=len(train_rows), probe_wall_s=wall, step_s=statistics.median(timed),
         tokens_per_s=report["throughput"]["tokens_per_s"], peak_rss_mb=report["throughput"]["peak_rss_mb"],
         steps=steps, passes_between=len([s for s in range(1, steps) if every and s % every == 0]),
         loss_pass_s=statistics.median(r["loss_eval_s"] for r in evals) if evals else 0.0,
-        not_timed=not_timed(recipe, steps))
+        not_timed=not_timed(recipe, steps, allow_pickle=allow_pickle),
+        sampled=sampled + _retention(recipe, report.get("retention") or []))
 
 
-def not_timed(recipe, steps: int) -> list[str]:
-    from ftcli.vocab import CANDIDATES
+def _retention(recipe, scored: list[dict]) -> list[Sampled]:
+    """Each retention set the probe scored, on its sample and in the run (a run leaves the built-in probe out
+    where the model has no chat template: so does the probe)."""
+    from ftcli import probe as builtin
+    from ftcli import scoring
+
+    out, rows = [], iter(scored)
+    row = next(rows, None)
+    for es in scoring.retention_sets(recipe, load=True):
+        if row is None or row["data"] != es.data:
+            continue
+        n = len(es.examples) if es.examples is not None else min(es.limit or len(builtin.prompts()),
+                                                                  len(builtin.prompts()))
+        out.append(Sampled(f"retention set {row['name']} before and after on {n} rows",
+                           (row.get("before_s") or 0.0) + (row.get("after_s") or 0.0), row["rows"] or 0, n))
+        row = next(rows, None)
+    return out
+
+
+def not_timed(recipe, steps: int, *, allow_pickle: bool = False) -> list[str]:
+    from ftcli import probe as builtin
 
     every = recipe.training.checkpoint_every
     saves = len([s for s in range(1, steps) if every and s % every == 0])
     out = [f"{saves} checkpoint(s) between steps (each about the final save)"] if saves else []
-    generated = [m for m in recipe.eval.metrics if m not in ("loss", "perplexity")]
-    if generated:
-        out.append(f"{', '.join(generated)} before and after (on up to {recipe.eval.limit} validation rows"
-                   + (", by candidates" if set(generated) <= set(CANDIDATES) else "") + ")")
-    if recipe.eval.retention:
-        out.append(f"{len(recipe.eval.retention)} retention set(s) scored before and after")
+    for rs in recipe.eval.retention:
+        if rs.data == builtin.PROBE and not _probe_cached(recipe, rs.limit, allow_pickle):
+            out.append(f"the base model's answers to the {builtin.NAME}'s "
+                       f"{min(rs.limit or len(builtin.prompts()), len(builtin.prompts()))} prompts (its first run "
+                       "on this base model and template only: cached after)")
     return out
+
+
+def _probe_cached(recipe, limit: int | None, allow_pickle: bool) -> bool:
+    from ftcli import models
+    from ftcli import probe as builtin
+
+    tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
+                                      allow_pickle=allow_pickle, log=lambda m: None)
+    return builtin.cached(tokenizer, base=recipe.base_model, template=recipe.data.chat_template, limit=limit)
 
 
 def minutes(seconds: float) -> str:

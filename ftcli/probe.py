@@ -34,26 +34,21 @@ def prompts() -> list[str]:
 def examples(model, tokenizer, *, base: str, template: str | None, limit: int | None = None, batch_size: int = 16,
              log=print) -> list:
     """The probe rows: each prompt with the base model's greedy answer as the assistant turn (cached). `model` must
-    be the untrained base."""
+    be the untrained base. With a `limit`, the whole set's cached answers serve when there are some (its first
+    answers are the base model's answers to the same prompts)."""
     from ftcli import atomic
     from ftcli.data.formats import Example
     from ftcli.data.tokenize import Encoder
     from ftcli.evaluate import generate_all, stop_token_ids
-    from ftcli.models import cache_root, fingerprint
 
     asked = prompts()[:limit] if limit else prompts()
     encoder = Encoder(tokenizer, template, format="chat")
-    key = hashlib.sha256(json.dumps({"v": VERSION, "base": fingerprint(base), "template": encoder.template,
-                                     "prompts": asked, "max_new_tokens": MAX_NEW_TOKENS},
-                                    sort_keys=True).encode()).hexdigest()[:32]
-    path = cache_root() / "probe" / f"{key}.json"
-    answers = None
-    if path.is_file():
-        try:
-            answers = json.loads(path.read_text(encoding="utf-8"))["answers"]
-        except (ValueError, KeyError):
-            answers = None  # a damaged cache file is rebuilt
-    if answers is None or len(answers) != len(asked):
+    path = _cache_file(encoder, base, asked)
+    answers = _cached_answers(path, len(asked))
+    if answers is None and len(asked) < len(prompts()):
+        whole = _cached_answers(_cache_file(encoder, base, prompts()), len(prompts()))
+        answers = whole[: len(asked)] if whole is not None else None
+    if answers is None:
         log(f"built-in probe: the base model answers {len(asked)} general prompts (once per base model; cached)")
         gens = generate_all(model, tokenizer, [encoder.prompt_ids([{"role": "user", "content": p}]) for p in asked],
                             max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
@@ -65,3 +60,30 @@ def examples(model, tokenizer, *, base: str, template: str | None, limit: int | 
             pass  # a read-only cache is not an error
     return [Example(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
             for p, a in zip(asked, answers) if a.strip()]
+
+
+def cached(tokenizer, *, base: str, template: str | None, limit: int | None = None) -> bool:
+    """Whether `examples` would find the base model's answers in the cache (no generation)."""
+    from ftcli.data.tokenize import Encoder
+
+    encoder = Encoder(tokenizer, template, format="chat")
+    asked = prompts()[:limit] if limit else prompts()
+    return any(_cached_answers(_cache_file(encoder, base, p), len(p)) is not None for p in (asked, prompts()))
+
+
+def _cache_file(encoder, base: str, asked: list[str]) -> Path:
+    from ftcli.models import cache_root, fingerprint
+
+    key = hashlib.sha256(json.dumps({"v": VERSION, "base": fingerprint(base), "template": encoder.template,
+                                     "prompts": asked, "max_new_tokens": MAX_NEW_TOKENS},
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / "probe" / f"{key}.json"
+
+
+def _cached_answers(path: Path, n: int) -> list[str] | None:
+    """The answers in a cache file, or None where there is none, it is damaged (rebuilt) or it holds another count."""
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))["answers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return answers if isinstance(answers, list) and len(answers) == n else None

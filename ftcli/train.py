@@ -729,7 +729,8 @@ def _retention_rows(sets, before: list[dict], after: list[dict]) -> list[dict]:
         m = es.metrics[0]
         rows.append({"name": es.name, "data": es.data, "metric": m, "rows": (a or b).get("rows"),
                      "before": b.get(m), "after": a.get(m),
-                     "change": a[m] - b[m] if m in a and m in b else None})
+                     "change": a[m] - b[m] if m in a and m in b else None,
+                     "before_s": b.get("seconds"), "after_s": a.get("seconds")})  # what scoring each took
     return rows
 
 

@@ -67,6 +67,30 @@ def test_examples_are_the_base_models_greedy_answers_and_cached(tiny_model_dir, 
     assert [e.messages for e in again] == [e.messages for e in rows]
 
 
+def test_a_limit_takes_the_whole_sets_cached_answers(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    from ftcli import evaluate
+    from ftcli.data.tokenize import Encoder
+
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "cache"))
+    base = str(tiny_model_dir)
+    assert not probe.cached(tiny_tokenizer, base=base, template=None, limit=5)
+    n = len(probe.prompts())
+    whole = probe._cache_file(Encoder(tiny_tokenizer, None, format="chat"), base, probe.prompts())
+    whole.parent.mkdir(parents=True)
+    whole.write_text(json.dumps({"answers": [f"answer {i}" for i in range(n)]}))
+    assert probe.cached(tiny_tokenizer, base=base, template=None, limit=5)
+    assert probe.cached(tiny_tokenizer, base=base, template=None)
+
+    def refuse(*a, **k):
+        raise AssertionError("the whole set's cached answers should have been used")
+
+    monkeypatch.setattr(evaluate, "generate_all", refuse)
+    rows = probe.examples(None, tiny_tokenizer, base=base, template=None, limit=5, log=lambda m: None)
+    assert [e.messages for e in rows] == [[{"role": "user", "content": p}, {"role": "assistant", "content":
+                                           f"answer {i}"}] for i, p in enumerate(probe.prompts()[:5])]
+    assert len(list(whole.parent.glob("*.json"))) == 1  # nothing new written for the limited set
+
+
 def test_a_run_reports_the_probe_before_and_after(run_cli, tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
     from ftcli.models import load_model
 
@@ -80,6 +104,7 @@ def test_a_run_reports_the_probe_before_and_after(run_cli, tiny_model_dir, tiny_
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     [row] = rep["retention"]
     assert row["name"] == probe.NAME and row["data"] == probe.PROBE and row["rows"] == 8
+    assert row["before_s"] > 0 and row["after_s"] > 0  # what scoring it took, before and after
     # before: the base model's loss on its own answers, computed again here from the same rows
     base = load_model(str(tiny_model_dir))
     rows = probe.examples(base, tiny_tokenizer, base=str(tiny_model_dir), template=None, limit=8, log=lambda m: None)
