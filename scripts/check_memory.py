@@ -1,7 +1,8 @@
 """`ftcli check`'s memory estimate against the peak RSS of real steps, for every shipped recipe.
 
-Runs `ftcli check RECIPE --probe K` (K real steps of a whole run cut short, in a temporary folder: loading,
-validation and retention before and after, saving) in a fresh process per recipe, and tabulates the estimate,
+Runs `ftcli check RECIPE --probe K` (K real steps of a whole run cut short, in a temporary folder: loading, the
+validation loss before and after, generation metrics and retention sets on 16 rows each, saving) in a fresh
+process per recipe, and tabulates the estimate,
 the measured peak RSS and the relative error, plus the probe's step time.
 
     python scripts/check_memory.py [--steps 2] [--repeat 1] [--recipes quickstart,full,...] [--set KEY=VALUE ...]
