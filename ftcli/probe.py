@@ -43,11 +43,7 @@ def examples(model, tokenizer, *, base: str, template: str | None, limit: int | 
 
     asked = prompts()[:limit] if limit else prompts()
     encoder = Encoder(tokenizer, template, format="chat")
-    path = _cache_file(encoder, base, asked)
-    answers = _cached_answers(path, len(asked))
-    if answers is None and len(asked) < len(prompts()):
-        whole = _cached_answers(_cache_file(encoder, base, prompts()), len(prompts()))
-        answers = whole[: len(asked)] if whole is not None else None
+    answers = _lookup(encoder, base, asked)
     if answers is None:
         log(f"built-in probe: the base model answers {len(asked)} general prompts (once per base model; cached)")
         gens = generate_all(model, tokenizer, [encoder.prompt_ids([{"role": "user", "content": p}]) for p in asked],
@@ -55,7 +51,8 @@ def examples(model, tokenizer, *, base: str, template: str | None, limit: int | 
                             stop_ids=stop_token_ids(tokenizer, encoder))
         answers = [g[0].text for g in gens]
         try:
-            atomic.write_json(path, {"base": base, "prompts": len(asked), "answers": answers})
+            atomic.write_json(cache_file(encoder, base, asked),
+                              {"base": base, "prompts": len(asked), "answers": answers})
         except OSError:
             pass  # a read-only cache is not an error
     return [Example(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
@@ -66,12 +63,21 @@ def cached(tokenizer, *, base: str, template: str | None, limit: int | None = No
     """Whether `examples` would find the base model's answers in the cache (no generation)."""
     from ftcli.data.tokenize import Encoder
 
-    encoder = Encoder(tokenizer, template, format="chat")
     asked = prompts()[:limit] if limit else prompts()
-    return any(_cached_answers(_cache_file(encoder, base, p), len(p)) is not None for p in (asked, prompts()))
+    return _lookup(Encoder(tokenizer, template, format="chat"), base, asked) is not None
 
 
-def _cache_file(encoder, base: str, asked: list[str]) -> Path:
+def _lookup(encoder, base: str, asked: list[str]) -> list[str] | None:
+    """The cached answers to `asked`: its own cache file's, else the first of the whole set's."""
+    answers = _cached_answers(cache_file(encoder, base, asked), len(asked))
+    if answers is None and len(asked) < len(prompts()):
+        whole = _cached_answers(cache_file(encoder, base, prompts()), len(prompts()))
+        answers = whole[: len(asked)] if whole is not None else None
+    return answers
+
+
+def cache_file(encoder, base: str, asked: list[str]) -> Path:
+    """Where the base model's answers to `asked` are cached (per base model, template and prompts)."""
     from ftcli.models import cache_root, fingerprint
 
     key = hashlib.sha256(json.dumps({"v": VERSION, "base": fingerprint(base), "template": encoder.template,

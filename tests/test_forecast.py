@@ -72,7 +72,7 @@ def test_the_probes_answers_are_named_until_they_are_cached(tmp_path, tiny_model
     n = len(probe.prompts())
     assert forecast.not_timed(r, 4) == [f"the base model's answers to the built-in probe's {n} prompts (its first "
                                         "run on this base model and template only: cached after)"]
-    whole = probe._cache_file(Encoder(tiny_tokenizer, None, format="chat"), str(tiny_model_dir), probe.prompts())
+    whole = probe.cache_file(Encoder(tiny_tokenizer, None, format="chat"), str(tiny_model_dir), probe.prompts())
     whole.parent.mkdir(parents=True)
     whole.write_text(json.dumps({"answers": [f"answer {i}" for i in range(n)]}))
     assert forecast.not_timed(r, 4) == []

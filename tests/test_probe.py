@@ -75,7 +75,7 @@ def test_a_limit_takes_the_whole_sets_cached_answers(tiny_model_dir, tiny_tokeni
     base = str(tiny_model_dir)
     assert not probe.cached(tiny_tokenizer, base=base, template=None, limit=5)
     n = len(probe.prompts())
-    whole = probe._cache_file(Encoder(tiny_tokenizer, None, format="chat"), base, probe.prompts())
+    whole = probe.cache_file(Encoder(tiny_tokenizer, None, format="chat"), base, probe.prompts())
     whole.parent.mkdir(parents=True)
     whole.write_text(json.dumps({"answers": [f"answer {i}" for i in range(n)]}))
     assert probe.cached(tiny_tokenizer, base=base, template=None, limit=5)
