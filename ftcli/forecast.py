@@ -12,8 +12,9 @@ per step, per loss pass or per scored row is measured and multiplied, and what i
 
 The median leaves out the first step (allocator warm-up, a compiled graph) unless K is 1. Generation's rows are
 counted from the validation split (a mixture generates for its chat rows alone, so there it is an upper bound).
-Not timed, and named: checkpoints between steps (one costs about what the final save did) and, on a base model's
-first run, the base model's answers to the built-in probe's prompts (cached after). The probe writes nothing
+On a base model's first run the base model's answers to the built-in probe's prompts are projected from the
+probe's sample of them (where a probe ran before, its sample is cached and they are named instead). Not timed,
+and named: checkpoints between steps (one costs about what the final save did). The probe writes nothing
 outside its temporary folder except the caches a run fills anyway (tokenized data, a DPO reference, a Fisher
 matrix, the probe's answers for its sample), which make the real run's start faster than projected.
 """
@@ -78,6 +79,7 @@ def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast
     short.eval.limit = min(limit, SAMPLE) if limit else SAMPLE
     short.eval.retention = [rs.model_copy(update={"limit": min(rs.limit or SAMPLE, SAMPLE)})
                             for rs in recipe.eval.retention]
+    answers = _answers(recipe, allow_pickle)  # before the probe caches its sample's
     with tempfile.TemporaryDirectory(prefix="ftcli-probe-") as tmp:
         started = time.perf_counter()
         folder = train.run(short, output=Path(tmp) / "run", allow_pickle=allow_pickle,
@@ -97,55 +99,66 @@ def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast
         sampled.append(Sampled(f"{', '.join(generated)} before and after on {run_rows} validation rows",
                                sum(r["eval_s"] - r["loss_eval_s"] for r in ends), min(short.eval.limit, pool),
                                run_rows))
+    retention, named = _retention(recipe, report.get("retention") or [], answers)
     return Forecast(
         probe_steps=len(train_rows), probe_wall_s=wall, step_s=statistics.median(timed),
         tokens_per_s=report["throughput"]["tokens_per_s"], peak_rss_mb=report["throughput"]["peak_rss_mb"],
         steps=steps, passes_between=len([s for s in range(1, steps) if every and s % every == 0]),
         loss_pass_s=statistics.median(r["loss_eval_s"] for r in evals) if evals else 0.0,
-        not_timed=not_timed(recipe, steps, allow_pickle=allow_pickle),
-        sampled=sampled + _retention(recipe, report.get("retention") or []))
+        not_timed=not_timed(recipe, steps) + named, sampled=sampled + retention)
 
 
-def _retention(recipe, scored: list[dict]) -> list[Sampled]:
+def _retention(recipe, scored: list[dict], answers: list[str]) -> tuple[list[Sampled], list[str]]:
     """Each retention set the probe scored, on its sample and in the run (a run leaves the built-in probe out
-    where the model has no chat template: so does the probe)."""
+    where the model has no chat template: so does the probe); and the base model's answers to the built-in probe's
+    prompts where the run will make them: projected from the probe's where it made its sample's, else named."""
     from ftcli import probe as builtin
     from ftcli import scoring
 
-    out, rows = [], iter(scored)
+    sampled, named, rows, states = [], [], iter(scored), iter(answers)
     row = next(rows, None)
     for es in scoring.retention_sets(recipe, load=True):
+        state = next(states) if es.data == builtin.PROBE else "cached"
         if row is None or row["data"] != es.data:
             continue
         n = len(es.examples) if es.examples is not None else min(es.limit or len(builtin.prompts()),
                                                                   len(builtin.prompts()))
-        out.append(Sampled(f"retention set {row['name']} before and after on {n} rows",
-                           (row.get("before_s") or 0.0) + (row.get("after_s") or 0.0), row["rows"] or 0, n))
+        what = f"the base model's answers to the {builtin.NAME}'s {n} prompts (its first run on this base model " \
+               "and template; cached after)"
+        if state == "sampled":
+            sampled.append(Sampled(what, row.get("prepared_s") or 0.0, min(n, SAMPLE), n))
+        elif state == "named":
+            named.append(what)
+        sampled.append(Sampled(f"retention set {row['name']} before and after on {n} rows",
+                               (row.get("before_s") or 0.0) + (row.get("after_s") or 0.0), row["rows"] or 0, n))
         row = next(rows, None)
-    return out
+    return sampled, named
 
 
-def not_timed(recipe, steps: int, *, allow_pickle: bool = False) -> list[str]:
-    from ftcli import probe as builtin
-
-    every = recipe.training.checkpoint_every
-    saves = len([s for s in range(1, steps) if every and s % every == 0])
-    out = [f"{saves} checkpoint(s) between steps (each about the final save)"] if saves else []
-    for rs in recipe.eval.retention:
-        if rs.data == builtin.PROBE and not _probe_cached(recipe, rs.limit, allow_pickle):
-            out.append(f"the base model's answers to the {builtin.NAME}'s "
-                       f"{min(rs.limit or len(builtin.prompts()), len(builtin.prompts()))} prompts (its first run "
-                       "on this base model and template only: cached after)")
-    return out
-
-
-def _probe_cached(recipe, limit: int | None, allow_pickle: bool) -> bool:
+def _answers(recipe, allow_pickle: bool) -> list[str]:
+    """For each built-in probe set of `recipe`, before the probe runs: "cached" (the run finds its answers),
+    "sampled" (the probe will make its sample's answers: timed) or "named" (the sample's are cached, the run's
+    are not: not timed)."""
     from ftcli import models
     from ftcli import probe as builtin
 
+    limits = [rs.limit for rs in recipe.eval.retention if rs.data == builtin.PROBE]
+    if not limits:
+        return []
     tokenizer = models.load_tokenizer(recipe.base_model, trust_remote_code=recipe.trust_remote_code,
                                       allow_pickle=allow_pickle, log=lambda m: None)
-    return builtin.cached(tokenizer, base=recipe.base_model, template=recipe.data.chat_template, limit=limit)
+
+    def cached(limit: int | None) -> bool:
+        return builtin.cached(tokenizer, base=recipe.base_model, template=recipe.data.chat_template, limit=limit)
+
+    return ["cached" if cached(limit) else "named" if cached(min(limit or SAMPLE, SAMPLE)) else "sampled"
+            for limit in limits]
+
+
+def not_timed(recipe, steps: int) -> list[str]:
+    every = recipe.training.checkpoint_every
+    saves = len([s for s in range(1, steps) if every and s % every == 0])
+    return [f"{saves} checkpoint(s) between steps (each about the final save)"] if saves else []
 
 
 def minutes(seconds: float) -> str:

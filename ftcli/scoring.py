@@ -32,6 +32,7 @@ class EvalSet:
     instruction: str | None = None
     split: str = "train"
     examples: list | None = field(default=None, repr=False)  # the rows, once `load` has read them
+    prepared_s: float = 0.0  # making the rows beyond reading them (the built-in probe: the base model's answers)
 
     def load(self) -> list:
         """Read and format the rows (once): errors name the file, the row and the field."""

@@ -61,8 +61,9 @@ def test_generation_metrics_are_timed_on_one_batch_and_projected_to_the_runs_row
     assert "retention set kept before and after on 40 rows" in out and "not timed" not in out
 
 
-def test_the_probes_answers_are_named_until_they_are_cached(tmp_path, tiny_model_dir, tiny_tokenizer, addition_data,
-                                                            monkeypatch):
+def test_the_probes_answers_are_projected_from_its_sample_then_named_then_cached(tmp_path, tiny_model_dir,
+                                                                                 tiny_tokenizer, addition_data,
+                                                                                 monkeypatch):
     from ftcli import probe
     from ftcli.data.tokenize import Encoder
 
@@ -70,12 +71,22 @@ def test_the_probes_answers_are_named_until_they_are_cached(tmp_path, tiny_model
     path = make_recipe(tmp_path, tiny_model_dir, addition_data, eval={"retention": [probe.PROBE]})
     r = recipe_mod.load(path)
     n = len(probe.prompts())
-    assert forecast.not_timed(r, 4) == [f"the base model's answers to the built-in probe's {n} prompts (its first "
-                                        "run on this base model and template only: cached after)"]
+    what = f"the base model's answers to the built-in probe's {n} prompts (its first run on this base model and " \
+           "template; cached after)"
+
+    # nothing cached: the probe answers 16 prompts, timed; the run's 240 are projected from them
+    f = forecast.probe(r, 4, 2)
+    answers = [x for x in f.sampled if x.what == what]
+    assert [(x.sample_rows, x.run_rows) for x in answers] == [(16, n)] and answers[0].seconds > 0
+    assert f.not_timed == []
+    # the probe's 16 answers are cached now, the run's 240 are not: a second probe cannot time them
+    f = forecast.probe(r, 4, 2)
+    assert [x for x in f.sampled if x.what == what] == [] and f.not_timed == [what]
+    # the whole set cached: the run makes no answers
     whole = probe.cache_file(Encoder(tiny_tokenizer, None, format="chat"), str(tiny_model_dir), probe.prompts())
-    whole.parent.mkdir(parents=True)
     whole.write_text(json.dumps({"answers": [f"answer {i}" for i in range(n)]}))
-    assert forecast.not_timed(r, 4) == []
+    f = forecast.probe(r, 4, 2)
+    assert [x for x in f.sampled if x.what == what] == [] and f.not_timed == []
 
 
 def test_probing_several_processes_is_refused_by_name(tmp_path, tiny_model_dir, addition_data, run_cli):
@@ -85,8 +96,6 @@ def test_probing_several_processes_is_refused_by_name(tmp_path, tiny_model_dir, 
 
 
 def test_every_validation_row_records_what_the_pass_cost(tmp_path, tiny_model_dir, addition_data, run_cli):
-    import json
-
     path = make_recipe(tmp_path, tiny_model_dir, addition_data, eval={"every": 2})
     code, out, err = run_cli("train", path)
     assert code == 0, err
