@@ -103,9 +103,9 @@ def _print_probe(console, r, p, k: int, allow_pickle: bool) -> None:
                   f"step, {f.tokens_per_s:.0f} tokens/s")
     console.print(f"peak RSS {f.peak_rss_mb:,.0f} MB measured; the estimate above says {estimate:,.0f} MB "
                   f"({(estimate - f.peak_rss_mb) / f.peak_rss_mb:+.0%})")
-    kinds = sorted({"retention sets" if x.what.startswith("retention") else "generation metrics" for x in f.sampled})
+    kinds = sorted({x.kind for x in f.sampled})
     parts = [f"the probe's {forecast.minutes(f.probe_wall_s)} (loading, the validation loss before and after, "
-             + (f"{' and '.join(kinds)} on up to {forecast.SAMPLE} rows, " if kinds else "") + "saving)"]
+             + (f"{', '.join(kinds)} on up to {forecast.SAMPLE} rows, " if kinds else "") + "saving)"]
     if f.steps > f.probe_steps:
         parts.append(f"{f.steps - f.probe_steps} more steps × {f.step_s:.2f} s")
     if f.passes_between:

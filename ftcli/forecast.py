@@ -36,6 +36,7 @@ SAMPLE = 16  # rows the probe generates for or scores, before and after: one bat
 class Sampled:
     """Work the run does by the row outside its steps, timed in the probe on a sample of the rows."""
 
+    kind: str  # "generation metrics", "retention sets" or "the probe's answers"
     what: str  # e.g. "exact_match before and after on 100 validation rows"
     seconds: float  # the sample's, before and after (inside the probe's wall time)
     sample_rows: int
@@ -96,7 +97,8 @@ def probe(recipe, steps: int, k: int, *, allow_pickle: bool = False) -> Forecast
     if pool:  # before and after: the passes that generate (the first at step 0, the last at the last step)
         ends = [r for r in evals[:1] if r["step"] == 0] + [r for r in evals[-1:] if r["step"] == len(train_rows)]
         run_rows = min(limit, pool) if limit else pool
-        sampled.append(Sampled(f"{', '.join(generated)} before and after on {run_rows} validation rows",
+        sampled.append(Sampled("generation metrics",
+                               f"{', '.join(generated)} before and after on {run_rows} validation rows",
                                sum(r["eval_s"] - r["loss_eval_s"] for r in ends), min(short.eval.limit, pool),
                                run_rows))
     retention, named = _retention(recipe, report.get("retention") or [], answers)
@@ -121,15 +123,14 @@ def _retention(recipe, scored: list[dict], answers: list[str]) -> tuple[list[Sam
         state = next(states) if es.data == builtin.PROBE else "cached"
         if row is None or row["data"] != es.data:
             continue
-        n = len(es.examples) if es.examples is not None else min(es.limit or len(builtin.prompts()),
-                                                                  len(builtin.prompts()))
+        n = len(es.examples) if es.examples is not None else len(builtin.asked(es.limit))
         what = f"the base model's answers to the {builtin.NAME}'s {n} prompts (its first run on this base model " \
                "and template; cached after)"
         if state == "sampled":
-            sampled.append(Sampled(what, row.get("prepared_s") or 0.0, min(n, SAMPLE), n))
+            sampled.append(Sampled("the probe's answers", what, row.get("prepared_s") or 0.0, min(n, SAMPLE), n))
         elif state == "named":
             named.append(what)
-        sampled.append(Sampled(f"retention set {row['name']} before and after on {n} rows",
+        sampled.append(Sampled("retention sets", f"retention set {row['name']} before and after on {n} rows",
                                (row.get("before_s") or 0.0) + (row.get("after_s") or 0.0), row["rows"] or 0, n))
         row = next(rows, None)
     return sampled, named

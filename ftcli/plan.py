@@ -181,7 +181,7 @@ def build(recipe, *, allow_pickle: bool = False, log=print, processes: int = 1) 
 
     for es in retention:
         if es.data == probe.PROBE:
-            notes.append(f"retention: the {probe.NAME}, {es.limit or len(probe.prompts())} general prompts answered "
+            notes.append(f"retention: the {probe.NAME}, {len(probe.asked(es.limit))} general prompts answered "
                          "by the base model at the start of training (cached), loss before and after "
                          "(eval.retention: [] switches it off)")
         else:

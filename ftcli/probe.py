@@ -31,6 +31,11 @@ def prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines()]
 
 
+def asked(limit: int | None = None) -> list[str]:
+    """The prompts a probe set with this `limit` asks: the first `limit`, or all."""
+    return prompts()[:limit] if limit else prompts()
+
+
 def examples(model, tokenizer, *, base: str, template: str | None, limit: int | None = None, batch_size: int = 16,
              log=print) -> list:
     """The probe rows: each prompt with the base model's greedy answer as the assistant turn (cached). `model` must
@@ -41,47 +46,46 @@ def examples(model, tokenizer, *, base: str, template: str | None, limit: int | 
     from ftcli.data.tokenize import Encoder
     from ftcli.evaluate import generate_all, stop_token_ids
 
-    asked = prompts()[:limit] if limit else prompts()
+    questions = asked(limit)
     encoder = Encoder(tokenizer, template, format="chat")
-    answers = _lookup(encoder, base, asked)
+    answers = _lookup(encoder, base, questions)
     if answers is None:
-        log(f"built-in probe: the base model answers {len(asked)} general prompts (once per base model; cached)")
-        gens = generate_all(model, tokenizer, [encoder.prompt_ids([{"role": "user", "content": p}]) for p in asked],
+        log(f"built-in probe: the base model answers {len(questions)} general prompts (once per base model; cached)")
+        gens = generate_all(model, tokenizer, [encoder.prompt_ids([{"role": "user", "content": p}]) for p in questions],
                             max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size,
                             stop_ids=stop_token_ids(tokenizer, encoder))
         answers = [g[0].text for g in gens]
         try:
-            atomic.write_json(cache_file(encoder, base, asked),
-                              {"base": base, "prompts": len(asked), "answers": answers})
+            atomic.write_json(cache_file(encoder, base, questions),
+                              {"base": base, "prompts": len(questions), "answers": answers})
         except OSError:
             pass  # a read-only cache is not an error
     return [Example(messages=[{"role": "user", "content": p}, {"role": "assistant", "content": a}])
-            for p, a in zip(asked, answers) if a.strip()]
+            for p, a in zip(questions, answers) if a.strip()]
 
 
 def cached(tokenizer, *, base: str, template: str | None, limit: int | None = None) -> bool:
     """Whether `examples` would find the base model's answers in the cache (no generation)."""
     from ftcli.data.tokenize import Encoder
 
-    asked = prompts()[:limit] if limit else prompts()
-    return _lookup(Encoder(tokenizer, template, format="chat"), base, asked) is not None
+    return _lookup(Encoder(tokenizer, template, format="chat"), base, asked(limit)) is not None
 
 
-def _lookup(encoder, base: str, asked: list[str]) -> list[str] | None:
-    """The cached answers to `asked`: its own cache file's, else the first of the whole set's."""
-    answers = _cached_answers(cache_file(encoder, base, asked), len(asked))
-    if answers is None and len(asked) < len(prompts()):
+def _lookup(encoder, base: str, questions: list[str]) -> list[str] | None:
+    """The cached answers to `questions`: its own cache file's, else the first of the whole set's."""
+    answers = _cached_answers(cache_file(encoder, base, questions), len(questions))
+    if answers is None and len(questions) < len(prompts()):
         whole = _cached_answers(cache_file(encoder, base, prompts()), len(prompts()))
-        answers = whole[: len(asked)] if whole is not None else None
+        answers = whole[: len(questions)] if whole is not None else None
     return answers
 
 
-def cache_file(encoder, base: str, asked: list[str]) -> Path:
-    """Where the base model's answers to `asked` are cached (per base model, template and prompts)."""
+def cache_file(encoder, base: str, questions: list[str]) -> Path:
+    """Where the base model's answers to `questions` are cached (per base model, template and prompts)."""
     from ftcli.models import cache_root, fingerprint
 
     key = hashlib.sha256(json.dumps({"v": VERSION, "base": fingerprint(base), "template": encoder.template,
-                                     "prompts": asked, "max_new_tokens": MAX_NEW_TOKENS},
+                                     "prompts": questions, "max_new_tokens": MAX_NEW_TOKENS},
                                     sort_keys=True).encode()).hexdigest()[:32]
     return cache_root() / "probe" / f"{key}.json"
 
